@@ -1,0 +1,100 @@
+"""Collects validation embeddings and turns them into zero-shot and retrieval metrics."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from polymodal.evaluation.retrieval import retrieval_metrics
+from polymodal.evaluation.zeroshot import build_zeroshot_classifier, zeroshot_metrics
+
+
+class EmbeddingEvaluator:
+    """Zero-shot attribute classification + image/text retrieval on a held-out split.
+
+    `templates` maps an attribute (a top-level key of each sample's `{key}.json`) to prompt
+    templates; its class names come from `classes` or, when that is unset, from the
+    `attributes` vocabulary in the dataset's `manifest.json`. Samples whose json lacks the
+    attribute are not scored for it. `phrases` maps a class name to the words put into the
+    templates (e.g. position "left" -> "on the left"); the class name is the default.
+    """
+
+    def __init__(
+        self,
+        templates: Mapping[str, Sequence[str]] | None = None,
+        classes: Mapping[str, Sequence[str]] | None = None,
+        phrases: Mapping[str, Mapping[str, str]] | None = None,
+        manifest: str | None = None,
+        retrieval: bool = True,
+        retrieval_chunk_size: int = 1024,
+    ) -> None:
+        self.templates = {k: list(v) for k, v in (templates or {}).items()}
+        self._classes = {k: list(v) for k, v in (classes or {}).items()}
+        self.phrases = {k: dict(v) for k, v in (phrases or {}).items()}
+        self.manifest = manifest
+        self.retrieval = retrieval
+        self.retrieval_chunk_size = retrieval_chunk_size
+        self.reset()
+
+    def reset(self) -> None:
+        self._image: list[Tensor] = []
+        self._text: list[Tensor] = []
+        self._meta: list[dict] = []
+
+    def classes(self, attribute: str) -> list[str]:
+        if attribute in self._classes:
+            return self._classes[attribute]
+        if self.manifest is None:
+            raise ValueError(f"evaluation.classes.{attribute} is unset and no manifest is given")
+        path = Path(self.manifest)
+        if not path.exists():
+            raise FileNotFoundError(f"evaluation.manifest not found: {path}")
+        vocab = json.loads(path.read_text()).get("attributes", {})
+        if attribute not in vocab:
+            raise KeyError(f"attribute {attribute!r} not in {path} (has {sorted(vocab)})")
+        self._classes[attribute] = list(vocab[attribute])
+        return self._classes[attribute]
+
+    def update(self, image_emb: Tensor, text_emb: Tensor, meta: Sequence[dict]) -> None:
+        self._image.append(image_emb.detach().float().cpu())
+        self._text.append(text_emb.detach().float().cpu())
+        self._meta.extend(meta)
+
+    def labels(self, attribute: str) -> Tensor:
+        index = {name: i for i, name in enumerate(self.classes(attribute))}
+        return torch.tensor([index.get(m.get(attribute), -1) for m in self._meta])
+
+    @torch.no_grad()
+    def compute(self, encode_text: Callable[[list[str]], Tensor]) -> dict[str, float]:
+        """Metrics named `zeroshot/<attr>_acc`, `zeroshot/mean_acc`, `retrieval/i2t_r1`, ..."""
+        if not self._image:
+            return {}
+        image = torch.cat(self._image)
+        metrics: dict[str, float] = {}
+        accs = []
+        for attribute, templates in self.templates.items():
+            labels = self.labels(attribute)
+            if (labels >= 0).sum() == 0:
+                continue
+            phrases = self.phrases.get(attribute, {})
+            classifier = build_zeroshot_classifier(
+                lambda prompts: encode_text(prompts).float().cpu(),
+                [phrases.get(name, name) for name in self.classes(attribute)],
+                templates,
+            )
+            result = zeroshot_metrics(image, classifier, labels)
+            metrics[f"zeroshot/{attribute}_acc"] = result["acc"]
+            metrics[f"zeroshot/{attribute}_mean_per_class_acc"] = result["mean_per_class_acc"]
+            accs.append(result["acc"])
+        if accs:
+            metrics["zeroshot/mean_acc"] = sum(accs) / len(accs)
+        if self.retrieval:
+            text = torch.cat(self._text)
+            pairs = torch.arange(len(text))
+            result = retrieval_metrics(image, text, pairs, chunk_size=self.retrieval_chunk_size)
+            metrics.update({f"retrieval/{k}": v for k, v in result.items()})
+        return metrics

@@ -1,0 +1,105 @@
+"""Zero-shot classification with a text-derived classifier (CLIP prompt ensembling)."""
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@torch.no_grad()
+def build_zeroshot_classifier(
+    encode_text: Callable[[list[str]], Tensor],
+    class_names: Sequence[str],
+    templates: Sequence[str],
+) -> Tensor:
+    """Return a [C, D] float32 classifier: one L2-normalised text embedding per class.
+
+    Each class embedding is the mean of its normalised prompt embeddings (one prompt per
+    template, e.g. "a photo of a {}."), normalised again. Averaging directions rather than raw
+    embeddings keeps one high-norm prompt from dominating the ensemble (CLIP's recipe).
+    `encode_text` is called once per class with all of that class's prompts.
+    """
+    if not class_names:
+        raise ValueError("class_names is empty")
+    if not templates:
+        raise ValueError("templates is empty")
+    for template in templates:
+        if "{}" not in template:
+            raise ValueError(f"template {template!r} has no '{{}}' placeholder for the class name")
+
+    weights = []
+    for name in class_names:
+        prompt_emb = encode_text([template.format(name) for template in templates])
+        prompt_emb = F.normalize(prompt_emb.float(), dim=-1)
+        weights.append(F.normalize(prompt_emb.mean(dim=0), dim=-1))
+    return torch.stack(weights)
+
+
+def _labeled_logits(image_emb: Tensor, classifier: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Drop unlabeled samples (label < 0, e.g. missing attribute) and score the rest."""
+    if image_emb.ndim != 2 or classifier.ndim != 2 or image_emb.shape[1] != classifier.shape[1]:
+        raise ValueError(
+            f"expected image_emb [N, D] and classifier [C, D], got {tuple(image_emb.shape)} "
+            f"and {tuple(classifier.shape)}"
+        )
+    if labels.shape != (image_emb.shape[0],):
+        raise ValueError(
+            f"labels must have shape ({image_emb.shape[0]},), got {tuple(labels.shape)}"
+        )
+    labels = labels.to(device=image_emb.device, dtype=torch.long)
+    keep = labels >= 0
+    if not keep.any():
+        raise ValueError("no labeled samples: every label is < 0")
+    labels = labels[keep]
+    num_classes = classifier.shape[0]
+    if labels.max() >= num_classes:
+        raise ValueError(f"label {labels.max().item()} out of range for {num_classes} classes")
+    logits = image_emb[keep].float() @ classifier.to(image_emb.device, torch.float32).T
+    return logits, labels
+
+
+def _confusion(pred: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    flat = labels * num_classes + pred
+    return torch.bincount(flat, minlength=num_classes**2).view(num_classes, num_classes)
+
+
+@torch.no_grad()
+def confusion_matrix(image_emb: Tensor, classifier: Tensor, labels: Tensor) -> Tensor:
+    """[C, C] counts of top-1 predictions; rows are true classes, columns predicted ones.
+
+    Samples with label < 0 are ignored.
+    """
+    logits, labels = _labeled_logits(image_emb, classifier, labels)
+    return _confusion(logits.argmax(dim=1), labels, classifier.shape[0])
+
+
+@torch.no_grad()
+def zeroshot_metrics(
+    image_emb: Tensor,
+    classifier: Tensor,
+    labels: Tensor,
+    ks: Sequence[int] = (1, 5),
+) -> dict[str, float]:
+    """Top-1 `acc`, `top{k}` for each k in ks with 1 < k <= C, and `mean_per_class_acc`.
+
+    Samples with label < 0 are ignored. `mean_per_class_acc` averages recall over the classes
+    that occur in the labels, so it is not skewed by class imbalance (or absent classes).
+    Values are python floats in [0, 1].
+    """
+    logits, labels = _labeled_logits(image_emb, classifier, labels)
+    num_classes = classifier.shape[0]
+    pred = logits.argmax(dim=1)
+    metrics = {"acc": (pred == labels).double().mean().item()}
+    topk = [k for k in ks if 1 < k <= num_classes]
+    if topk:
+        ranked = logits.topk(max(topk), dim=1).indices
+        correct = ranked == labels[:, None]
+        for k in topk:
+            metrics[f"top{k}"] = correct[:, :k].any(dim=1).double().mean().item()
+    confusion = _confusion(pred, labels, num_classes)
+    per_class_total = confusion.sum(dim=1)
+    present = per_class_total > 0
+    recall = confusion.diagonal()[present].double() / per_class_total[present]
+    metrics["mean_per_class_acc"] = recall.mean().item()
+    return metrics

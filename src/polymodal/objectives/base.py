@@ -1,0 +1,66 @@
+"""What every objective shares: the per-step encoding cache and the output contract."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+
+from polymodal.models.backbone import Backbone
+
+
+class EncodingCache:
+    """Encodes each modality of one batch at most once per step, on first request.
+
+    Several objectives in one step (ITC + ITM + MLM ...) read the same image tokens and
+    embeddings from here instead of running the towers again.
+    """
+
+    def __init__(self, backbone: Backbone, batch: dict) -> None:
+        self.backbone = backbone
+        self.batch = batch
+        self._store: dict[str, Tensor] = {}
+
+    def _get(self, name: str, compute) -> Tensor:
+        if name not in self._store:
+            self._store[name] = compute()
+        return self._store[name]
+
+    def image_tokens(self) -> Tensor:
+        return self._get("image_tokens", lambda: self.backbone.encode_image(self.batch["image"]))
+
+    def text_tokens(self) -> Tensor:
+        return self._get(
+            "text_tokens",
+            lambda: self.backbone.encode_text(self.batch["text_ids"], self.batch["text_mask"]),
+        )
+
+    def image_embedding(self) -> Tensor:
+        def compute() -> Tensor:
+            pooled = self.backbone.pool(self.image_tokens(), "image")
+            return self.backbone.project(pooled, "image")
+
+        return self._get("image_embedding", compute)
+
+    def text_embedding(self) -> Tensor:
+        def compute() -> Tensor:
+            pooled = self.backbone.pool(self.text_tokens(), "text", self.batch["text_mask"])
+            return self.backbone.project(pooled, "text")
+
+        return self._get("text_embedding", compute)
+
+
+@dataclass
+class ObjectiveOutput:
+    loss: Tensor
+    logs: dict[str, Tensor] = field(default_factory=dict)
+
+
+class Objective(nn.Module):
+    """Head + loss. Subclasses implement `forward(cache) -> ObjectiveOutput`."""
+
+    def forward(self, cache: EncodingCache) -> ObjectiveOutput:
+        raise NotImplementedError
+
+    def after_optimizer_step(self) -> None:
+        """Hook run once per optimizer step (e.g. to clamp a learnable temperature)."""

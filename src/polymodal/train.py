@@ -1,0 +1,66 @@
+"""`polymodal-train`: the Hydra training app (`python -m polymodal.train` is the same)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from polymodal.utils.errors import ConfigError
+from polymodal.utils.instantiate import instantiate_group
+from polymodal.utils.report import print_metrics, write_metrics
+from polymodal.utils.validate import check_types
+
+log = logging.getLogger(__name__)
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit the configured task, validate the final weights, write metrics.json."""
+    check_types(cfg)
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    backbone = instantiate(cfg.model)
+    module = instantiate(cfg.task, backbone=backbone)
+    callbacks = instantiate_group(cfg.get("callbacks"), "callbacks")
+    loggers = instantiate_group(cfg.get("logger"), "logger")
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    results = trainer.validate(module, datamodule=datamodule, verbose=False)
+    metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    metrics["train/global_step"] = float(trainer.global_step)
+    metrics["data/skipped_samples"] = float(module.skipped_samples)
+    if rank_zero_only.rank == 0:
+        output_dir = cfg.paths.output_dir
+        write_metrics(metrics, output_dir)
+        print_metrics(metrics, output_dir)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = train(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        import wandb
+
+        wandb.finish()  # so the runs of a multirun never merge into one
+    metric = cfg.get("optimized_metric")
+    return metrics.get(metric) if metric else None
+
+
+if __name__ == "__main__":
+    main()

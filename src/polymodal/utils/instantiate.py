@@ -1,0 +1,33 @@
+"""Building callbacks and loggers from their config groups."""
+
+from __future__ import annotations
+
+import os
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+
+def instantiate_group(group: DictConfig | None, field: str) -> list:
+    """Instantiate every `{name: {_target_: ...}}` entry of a config group (callbacks, logger)."""
+    if not group:
+        return []
+    if not isinstance(group, DictConfig):
+        raise TypeError(f"{field} must be a mapping of name -> config, got {type(group).__name__}")
+    objects = []
+    for name, spec in group.items():
+        if isinstance(spec, DictConfig) and "_target_" in spec:
+            if field == "logger" and name == "wandb":
+                spec = wandb_spec(spec)
+            objects.append(instantiate(spec))
+        elif spec is not None:
+            raise ValueError(f"{field}.{name} has no _target_")
+    return objects
+
+
+def wandb_spec(spec: DictConfig) -> DictConfig:
+    """Let WANDB_MODE from the environment win over `offline` (Lightning's `offline=True`
+    would otherwise overwrite the variable, e.g. turning `disabled` into offline files)."""
+    if os.environ.get("WANDB_MODE"):
+        spec = OmegaConf.merge(spec, {"offline": False})
+    return spec

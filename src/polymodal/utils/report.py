@@ -1,0 +1,28 @@
+"""Final metrics: written to <output_dir>/metrics.json and printed as a table."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def write_metrics(metrics: Mapping[str, float], output_dir: str | Path) -> Path:
+    path = Path(output_dir) / "metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dict(sorted(metrics.items())), indent=2) + "\n")
+    return path
+
+
+def print_metrics(metrics: Mapping[str, float], output_dir: str | Path) -> None:
+    table = Table(title="final validation metrics")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in sorted(metrics.items()):
+        table.add_row(name, f"{value:.4f}")
+    console = Console()
+    console.print(table)
+    console.print(f"output dir: {output_dir}")
