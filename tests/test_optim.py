@@ -34,17 +34,18 @@ def test_no_decay_on_norms_biases_embeddings_and_logit_scale():
     skip = no_weight_decay_names(model)
     expected_skip = {
         "itc.logit_scale",
-        "backbone.text_tower.token_embedding.weight",
-        "backbone.text_tower.pos_embedding",
-        "backbone.image_tower.pos_embed",
-        "backbone.image_tower.cls_token",
-        "backbone.text_tower.norm.weight",
-        "backbone.image_tower.blocks.0.attn.qkv.bias",
-        "backbone.image_tower.patch_embed.proj.1.weight",  # BatchNorm in the conv stem
+        "backbone.encoders.text_tower.token_embedding.weight",
+        "backbone.encoders.text_tower.pos_embedding",
+        "backbone.encoders.image_tower.model.pos_embed",
+        "backbone.encoders.image_tower.model.cls_token",
+        "backbone.encoders.text_tower.norm.weight",
+        "backbone.encoders.image_tower.model.blocks.0.attn.qkv.bias",
+        # BatchNorm in the conv stem
+        "backbone.encoders.image_tower.model.patch_embed.proj.1.weight",
     }
     assert expected_skip <= skip
     decayed = {n for n, _ in model.named_parameters()} - skip
-    assert "backbone.image_tower.blocks.0.attn.qkv.weight" in decayed
+    assert "backbone.encoders.image_tower.model.blocks.0.attn.qkv.weight" in decayed
     assert "backbone.text_proj.weight" in decayed
     assert all(p.ndim >= 2 for n, p in model.named_parameters() if n in decayed)
 

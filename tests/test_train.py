@@ -90,3 +90,19 @@ def test_bad_override_names_the_key(override, named, tmp_path, shapes_dir):
     assert out.returncode != 0
     assert named in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("sharing", ["multiway", "shared"])
+def test_every_objective_runs_with_weight_sharing(sharing, tmp_path, shapes_dir):
+    """FLAVA (ITC + ITM + MLM + MIM) plus captioning and SigLIP added from the command line."""
+    overrides = [
+        "experiment=flava",
+        f"model.sharing={sharing}",
+        "+task.objectives.caption.weight=1.0",
+        "+task.objectives.siglip.weight=0.5",
+        "debug=fdr",
+    ]
+    metrics = train(compose_train(overrides, tmp_path, shapes_dir))
+    for name in ("itc", "itm", "mlm", "mim", "caption", "siglip"):
+        assert f"val/{name}/loss" in metrics
+    assert "val/caption/bleu4" in metrics

@@ -1,16 +1,77 @@
-"""The Backbone owns every modality tower and projection; objectives only call its methods.
+"""The Backbone owns every modality encoder, projection, fusion encoder and decoder.
 
-Surface (see docs/architecture.md): `encode_image`, `encode_text`, `pool`, `project`,
-`embed_image`, `embed_text`. Fusion, decoding and audio grow here in later issues.
+Objectives only call its methods (see docs/architecture.md):
+`encode_image`, `encode_text`, `pool`, `project`, `embed_image`, `embed_text`, `fuse`,
+`decode`. `model.sharing` picks how image and text share weights:
+
+- `separate`: a timm image tower and a text Transformer (CLIP);
+- `multiway`: one trunk, shared attention, per-modality feed-forward experts (VLMo);
+- `shared`: one trunk with all weights shared.
+
+The fusion encoder and caption decoder are built only when an objective `require`s them,
+so a CLIP run carries no unused weights.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from polymodal.models.image import create_image_tower, image_features, pool_image
+from polymodal.models.decoder import CaptionDecoder
+from polymodal.models.fusion import FusionEncoder
+from polymodal.models.generation import generate
+from polymodal.models.image import TimmImageTower
 from polymodal.models.text import TextTransformer
+from polymodal.models.trunk import SharedTrunk
+
+SHARING = ("separate", "multiway", "shared")
+
+
+class SeparateTowers(nn.Module):
+    """A timm image tower and a text Transformer, with the SharedTrunk interface."""
+
+    def __init__(self, vocab_size: int, image: dict, text: dict) -> None:
+        super().__init__()
+        self.image_tower = TimmImageTower(**image)
+        self.text_tower = TextTransformer(vocab_size=vocab_size, **text)
+        self.patch_size = self.image_tower.patch_size
+        self.num_patches = self.image_tower.num_patches
+        self.num_prefix_tokens = self.image_tower.num_prefix_tokens
+        self.image_width, self.text_width = self.image_tower.width, self.text_tower.width
+        self.token_embedding = self.text_tower.token_embedding
+
+    def encode_image(self, images: Tensor, keep: Tensor | None = None) -> Tensor:
+        return self.image_tower.encode(images, keep)
+
+    def encode_text(self, ids: Tensor, mask: Tensor) -> Tensor:
+        return self.text_tower(ids, mask)
+
+    def pool_image(self, tokens: Tensor) -> Tensor:
+        return self.image_tower.pool(tokens)
+
+    def pool_text(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        return self.text_tower.pool(tokens, mask)
+
+
+def build_encoders(sharing: str, vocab_size: int, image: dict, text: dict, trunk: dict):
+    if sharing == "separate":
+        return SeparateTowers(vocab_size, image, text)
+    if sharing not in SHARING:
+        raise ValueError(f"model.sharing must be one of {SHARING}, got {sharing!r}")
+    encoders = SharedTrunk(
+        vocab_size,
+        sharing,
+        img_size=image["img_size"],
+        patch_size=image["patch_size"],
+        conv_stem=image.get("conv_stem", True),
+        context_length=text["context_length"],
+        causal=text.get("causal", True),
+        pool=text.get("pool", "eos"),
+        **trunk,
+    )
+    encoders.image_width = encoders.text_width = encoders.width
+    return encoders
 
 
 class Backbone(nn.Module):
@@ -20,28 +81,80 @@ class Backbone(nn.Module):
         text: dict,
         embed_dim: int = 128,
         vocab_size: int | None = None,
+        sharing: str = "separate",
+        trunk: dict | None = None,
+        fusion: dict | None = None,
+        decoder: dict | None = None,
     ) -> None:
         super().__init__()
         if vocab_size is None:
-            raise ValueError("model.vocab_size is unset: it comes from the tokenizer")
-        self.image_tower = create_image_tower(**image)
-        self.text_tower = TextTransformer(vocab_size=vocab_size, **text)
-        image_width = self.image_tower.num_features
-        self.image_proj = nn.Linear(image_width, embed_dim, bias=False)
-        self.text_proj = nn.Linear(self.text_tower.width, embed_dim, bias=False)
+            raise ValueError("model.vocab_size is unset: it must cover the tokenizer")
+        self.sharing = sharing
+        self.vocab_size = vocab_size
+        self.context_length = text["context_length"]
+        self.encoders = build_encoders(sharing, vocab_size, image, text, trunk or {})
+        self.image_proj = nn.Linear(self.encoders.image_width, embed_dim, bias=False)
+        self.text_proj = nn.Linear(self.encoders.text_width, embed_dim, bias=False)
         self.embed_dim = embed_dim
+        self.component_cfg = {"fusion": fusion or {}, "decoder": decoder or {}}
+        self.fusion: FusionEncoder | None = None
+        self.decoder: CaptionDecoder | None = None
 
-    def encode_image(self, images: Tensor) -> Tensor:
-        return image_features(self.image_tower, images)
+    def require(self, component: str) -> None:
+        """Build the fusion encoder or caption decoder (once) for an objective that uses it."""
+        if component == "fusion" and self.fusion is None:
+            self.fusion = FusionEncoder(
+                width=self.encoders.text_width,
+                memory_dim=self.encoders.image_width,
+                **self.component_cfg["fusion"],
+            )
+        elif component == "decoder" and self.decoder is None:
+            self.decoder = CaptionDecoder(
+                vocab_size=self.vocab_size,
+                context_length=self.context_length,
+                memory_dim=self.encoders.image_width,
+                **self.component_cfg["decoder"],
+            )
+        elif component not in ("fusion", "decoder"):
+            raise ValueError(f"unknown backbone component {component!r}")
+
+    # -- unimodal encoders ---------------------------------------------------------------
+    @property
+    def patch_size(self) -> int | None:
+        return self.encoders.patch_size
+
+    @property
+    def num_patches(self) -> int | None:
+        return self.encoders.num_patches
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.encoders.num_prefix_tokens
+
+    @property
+    def text_width(self) -> int:
+        return self.encoders.text_width
+
+    @property
+    def image_width(self) -> int:
+        return self.encoders.image_width
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.encoders.token_embedding
+
+    def encode_image(self, images: Tensor, keep: Tensor | None = None) -> Tensor:
+        """Image tokens; with `keep` [B, K] only those patches (plus CLS) are encoded."""
+        return self.encoders.encode_image(images, keep)
 
     def encode_text(self, ids: Tensor, mask: Tensor) -> Tensor:
-        return self.text_tower(ids, mask)
+        return self.encoders.encode_text(ids, mask)
 
     def pool(self, tokens: Tensor, modality: str, mask: Tensor | None = None) -> Tensor:
         if modality == "image":
-            return pool_image(self.image_tower, tokens)
+            return self.encoders.pool_image(tokens)
         if modality == "text":
-            return self.text_tower.pool(tokens, mask)
+            return self.encoders.pool_text(tokens, mask)
         raise ValueError(f"unknown modality {modality!r}")
 
     def project(self, pooled: Tensor, modality: str) -> Tensor:
@@ -53,5 +166,30 @@ class Backbone(nn.Module):
         return self.project(self.pool(self.encode_image(images), "image"), "image")
 
     def embed_text(self, ids: Tensor, mask: Tensor) -> Tensor:
-        tokens = self.encode_text(ids, mask)
-        return self.project(self.pool(tokens, "text", mask), "text")
+        return self.project(self.pool(self.encode_text(ids, mask), "text", mask), "text")
+
+    # -- multimodal ----------------------------------------------------------------------
+    def fuse(self, text_tokens: Tensor, text_mask: Tensor, image_tokens: Tensor) -> Tensor:
+        """Text tokens that cross-attend to image tokens (ALBEF fusion); [CLS] is token 0."""
+        if self.fusion is None:
+            raise RuntimeError("no fusion encoder: an objective must require('fusion')")
+        return self.fusion(text_tokens, text_mask, image_tokens)
+
+    def decode(
+        self,
+        ids: Tensor,
+        memory: Tensor,
+        text_mask: Tensor | None = None,
+        cache=None,
+    ) -> Tensor:
+        """Next-token logits of the caption decoder conditioned on `memory` (image tokens)."""
+        if self.decoder is None:
+            raise RuntimeError("no caption decoder: an objective must require('decoder')")
+        return self.decoder(ids, memory, text_mask=text_mask, cache=cache)
+
+    @torch.no_grad()
+    def generate(self, images: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
+        """Token ids and log-probabilities of captions for `images` (see models.generation)."""
+        if self.decoder is None:
+            raise RuntimeError("no caption decoder: this model was not trained to caption")
+        return generate(self.decoder, self.encode_image(images), **kwargs)

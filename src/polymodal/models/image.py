@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import timm
+import torch
 from timm.layers import PatchEmbed
 from torch import Tensor, nn
 
@@ -50,11 +51,39 @@ def create_image_tower(name: str, conv_stem: bool = False, **kwargs) -> nn.Modul
     return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
 
 
-def image_features(tower: nn.Module, images: Tensor) -> Tensor:
-    """Unpooled features: [B, N, D] tokens for ViTs, [B, C, H, W] maps for convnets."""
-    return tower.forward_features(images)
+def keep_patches(tokens: Tensor, keep: Tensor, num_prefix: int) -> Tensor:
+    """Prefix tokens (CLS, ...) plus the patch tokens at indices `keep` [B, K] (MAE masking)."""
+    patches = tokens[:, num_prefix:]
+    index = keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1])
+    return torch.cat([tokens[:, :num_prefix], patches.gather(1, index)], dim=1)
 
 
-def pool_image(tower: nn.Module, features: Tensor) -> Tensor:
-    """The model's own pooling (CLS / mean token / global average) -> [B, D]."""
-    return tower.forward_head(features, pre_logits=True)
+class TimmImageTower(nn.Module):
+    """A timm model as the image tower of `sharing=separate`.
+
+    `encode(images, keep)` drops masked patches before the blocks, which needs the timm
+    VisionTransformer layout (patch_embed, _pos_embed, blocks, norm); any other timm model
+    works for everything but MIM.
+    """
+
+    def __init__(self, name: str, conv_stem: bool = False, **kwargs) -> None:
+        super().__init__()
+        self.model = create_image_tower(name, conv_stem=conv_stem, **kwargs)
+        self.width = self.model.num_features
+        self.num_prefix_tokens = getattr(self.model, "num_prefix_tokens", 0)
+        embed = getattr(self.model, "patch_embed", None)
+        self.patch_size = embed.patch_size[0] if embed is not None else None
+        self.num_patches = embed.num_patches if embed is not None else None
+
+    def encode(self, images: Tensor, keep: Tensor | None = None) -> Tensor:
+        if keep is None:
+            return self.model.forward_features(images)
+        if self.patch_size is None or not hasattr(self.model, "blocks"):
+            raise ValueError("patch masking (MIM) needs a ViT image tower (model.image.name)")
+        m = self.model
+        x = m._pos_embed(m.patch_embed(images))
+        x = m.norm_pre(keep_patches(x, keep, self.num_prefix_tokens))
+        return m.norm(m.blocks(x))
+
+    def pool(self, tokens: Tensor) -> Tensor:
+        return self.model.forward_head(tokens, pre_logits=True)

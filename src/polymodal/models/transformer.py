@@ -6,12 +6,28 @@ caption decoder, are stacks of these blocks.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+@dataclass
+class LayerCache:
+    """Keys/values of one attention layer for incremental decoding, each [N, heads, T, head_dim]
+    (None until filled); `memory_*` hold a cross-attention's projected memory."""
+
+    keys: Tensor | None = None
+    values: Tensor | None = None
+    memory_keys: Tensor | None = None
+    memory_values: Tensor | None = None
+
+
 class SelfAttention(nn.Module):
+    """Multi-head self-attention; with a `LayerCache` it appends the new keys/values and the
+    new queries attend over cached + new positions (causally within the new chunk)."""
+
     def __init__(self, dim: int, num_heads: int, dropout: float = 0.0) -> None:
         super().__init__()
         if dim % num_heads:
@@ -21,34 +37,81 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.dropout = dropout
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None, causal: bool = False) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        attn_mask: Tensor | None = None,
+        causal: bool = False,
+        cache: LayerCache | None = None,
+    ) -> Tensor:
+        """`attn_mask` (boolean, True = may attend) replaces the plain causal mask."""
         batch, length, dim = x.shape
         qkv = self.qkv(x).view(batch, length, 3, self.num_heads, dim // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        past = 0
+        if cache is not None:
+            if cache.keys is not None:
+                past = cache.keys.shape[2]
+                k = torch.cat([cache.keys, k], dim=2)
+                v = torch.cat([cache.values, v], dim=2)
+            cache.keys, cache.values = k, v
+        if causal and attn_mask is None and past and length > 1:
+            # new query i sits at position past + i: it sees every cached key and new keys <= i
+            ones = torch.ones(length, past + length, dtype=torch.bool, device=x.device)
+            attn_mask = ones.tril(diagonal=past)
         out = F.scaled_dot_product_attention(
             q,
             k,
             v,
             attn_mask=attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
-            is_causal=causal and attn_mask is None,
+            # is_causal aligns the mask top-left: only right without cached keys
+            is_causal=causal and attn_mask is None and past == 0,
         )
         return self.proj(out.transpose(1, 2).reshape(batch, length, dim))
 
 
-class Block(nn.Module):
-    """x + attn(ln(x)); x + mlp(ln(x))."""
+def mlp(dim: int, mlp_ratio: float) -> nn.Sequential:
+    hidden = int(dim * mlp_ratio)
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0):
+
+class Block(nn.Module):
+    """x + attn(ln(x)); x + mlp(ln(x)).
+
+    With `experts` (e.g. ("image", "text")) the block is a VLMo multiway block: attention
+    is shared, while the second norm and the feed-forward network are per-expert and
+    `forward(..., expert=name)` picks one.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        experts: tuple[str, ...] | None = None,
+    ) -> None:
         super().__init__()
-        hidden = int(dim * mlp_ratio)
         self.norm1 = nn.LayerNorm(dim)
         self.attn = SelfAttention(dim, num_heads, dropout)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        if experts is None:
+            self.norm2 = nn.LayerNorm(dim)
+            self.mlp = mlp(dim, mlp_ratio)
+        else:
+            self.norm2 = nn.ModuleDict({e: nn.LayerNorm(dim) for e in experts})
+            self.mlp = nn.ModuleDict({e: mlp(dim, mlp_ratio) for e in experts})
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None, causal: bool = False) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        attn_mask: Tensor | None = None,
+        causal: bool = False,
+        expert: str | None = None,
+    ) -> Tensor:
         x = x + self.attn(self.norm1(x), attn_mask=attn_mask, causal=causal)
+        if isinstance(self.mlp, nn.ModuleDict):
+            return x + self.mlp[expert](self.norm2[expert](x))
         return x + self.mlp(self.norm2(x))
 
 

@@ -1,18 +1,22 @@
 """PretrainModule: one LightningModule that sums weighted objectives over one Backbone.
 
-Per-task modules (CLIP, ...) are Hydra presets of this class with one objective; recipes
-list several. An objective with weight 0 is never built.
+Per-task modules (CLIP, ITM, MLM, ...) are Hydra presets of this class with one objective;
+recipes (ALBEF, CoCa, FLAVA, BLIP) list several. An objective with weight 0 is never built.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 
 import lightning as L
+import torch
+from hydra._internal.utils import _locate
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from polymodal.evaluation.captioning import attribute_match_rate, caption_scores
 from polymodal.evaluation.evaluator import EmbeddingEvaluator
 from polymodal.models.backbone import Backbone
 from polymodal.objectives.base import EncodingCache, Objective
@@ -24,8 +28,24 @@ def _plain(cfg: Mapping | None) -> dict:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
 
-def build_objectives(specs: Mapping) -> tuple[nn.ModuleDict, dict[str, float]]:
-    """`{name: {weight: w, _target_: ..., **kwargs}}` -> modules and weights (w != 0 only)."""
+# The class an objective name stands for when its spec has no `_target_`, so that
+# `+task.objectives.mim.weight=0.5` is all it takes to add MIM to a run.
+OBJECTIVES = {
+    "itc": "polymodal.objectives.itc.ITCObjective",
+    "siglip": "polymodal.objectives.siglip.SigLIPObjective",
+    "itm": "polymodal.objectives.itm.ITMObjective",
+    "mlm": "polymodal.objectives.mlm.MLMObjective",
+    "mim": "polymodal.objectives.mim.MIMObjective",
+    "caption": "polymodal.objectives.caption.CaptionObjective",
+}
+
+
+def build_objectives(specs: Mapping, backbone: Backbone) -> tuple[nn.ModuleDict, dict[str, float]]:
+    """`{name: {weight: w, [_target_: ...], **kwargs}}` -> modules and weights (w != 0 only).
+
+    Objectives whose constructor takes `backbone` get it (to size heads and to build the
+    fusion encoder or decoder they need).
+    """
     modules, weights = nn.ModuleDict(), {}
     for name, spec in specs.items():
         spec = dict(spec)
@@ -34,9 +54,19 @@ def build_objectives(specs: Mapping) -> tuple[nn.ModuleDict, dict[str, float]]:
         weight = float(spec.pop("weight"))
         if weight == 0:
             continue
+        if "_target_" not in spec:
+            if name not in OBJECTIVES:
+                raise ConfigError(
+                    f"task.objectives.{name}: unknown objective (known: {sorted(OBJECTIVES)}); "
+                    "set its _target_"
+                )
+            spec["_target_"] = OBJECTIVES[name]
+        target = _locate(spec["_target_"])
+        if "backbone" in inspect.signature(target).parameters:
+            spec["backbone"] = backbone
         objective = instantiate(spec)
         if not isinstance(objective, Objective):
-            raise TypeError(f"task.objectives.{name}: {type(objective).__name__} is no Objective")
+            raise ConfigError(f"task.objectives.{name}: {type(objective).__name__} is no Objective")
         modules[name], weights[name] = objective, weight
     if not modules:
         raise ConfigError("task.objectives: every objective has weight 0; nothing to train")
@@ -55,19 +85,23 @@ class PretrainModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
         self.backbone = backbone
-        self.objectives, self.weights = build_objectives(_plain(objectives))
+        self.objectives, self.weights = build_objectives(_plain(objectives), backbone)
         self.optimizer_cfg = _plain(optimizer)
         self.scheduler_cfg = _plain(scheduler)
-        self.evaluation_cfg = _plain(evaluation) or {}
+        evaluation = dict(_plain(evaluation) or {})
+        self.caption_batches = int(evaluation.pop("caption_batches", 2))
+        self.generation_cfg = dict(evaluation.pop("generation", {}) or {})
+        self.evaluation_cfg = evaluation
         self.evaluator: EmbeddingEvaluator | None = None
         self.tokenizer = None
         self.skipped_samples = 0
+        self._captions: list[tuple[str, str, dict]] = []
 
     def setup(self, stage: str) -> None:
         """Take the tokenizer and the zero-shot spec from the datamodule (they describe data)."""
         datamodule = self.trainer.datamodule
         self.tokenizer = datamodule.tokenizer
-        rows = self.backbone.text_tower.token_embedding.num_embeddings
+        rows = self.backbone.vocab_size
         if self.tokenizer.vocab_size > rows:
             raise ConfigError(
                 f"model.vocab_size={rows} < tokenizer vocabulary {self.tokenizer.vocab_size} "
@@ -75,6 +109,9 @@ class PretrainModule(L.LightningModule):
             )
         zeroshot = _plain(getattr(datamodule, "zeroshot", None)) or {}
         self.evaluator = EmbeddingEvaluator(**zeroshot, **self.evaluation_cfg)
+        class_names = {a: self.evaluator.classes(a) for a in self.evaluator.templates}
+        for objective in self.objectives.values():
+            objective.setup(self.tokenizer, class_names)
 
     def step_losses(self, cache: EncodingCache) -> tuple[Tensor, dict[str, Tensor]]:
         total, logs = 0.0, {}
@@ -83,16 +120,14 @@ class PretrainModule(L.LightningModule):
             total = total + self.weights[name] * out.loss
             logs[f"{name}/loss"] = out.loss.detach()
             logs.update({f"{name}/{k}": v for k, v in out.logs.items()})
-        logs["loss"] = total.detach()
         return total, logs
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss, logs = self.step_losses(EncodingCache(self.backbone, batch))
         self.skipped_samples += int(batch.get("skipped", 0))
         size = batch["image"].shape[0]
-        loss_value = logs.pop("loss")
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=size)
-        self.log("train/loss", loss_value, prog_bar=True, batch_size=size)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size)
         self.log("data/skipped_samples", float(self.skipped_samples), batch_size=size)
         return loss
 
@@ -103,12 +138,25 @@ class PretrainModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self.evaluator.reset()
+        self._captions = []
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        size = batch["image"].shape[0]
         cache = EncodingCache(self.backbone, batch)
-        _, logs = self.step_losses(cache)
-        self.log("val/loss", logs["loss"], batch_size=batch["image"].shape[0])
+        # masks and negatives drawn in validation are seeded per batch, so val metrics
+        # are comparable across evaluations and training's random stream is untouched
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(batch_idx)
+            loss, logs = self.step_losses(cache)
+            self.log("val/loss", loss, batch_size=size)
+            self.log_dict({f"val/{k}": v for k, v in logs.items()}, batch_size=size)
+            for name, objective in self.objectives.items():
+                for key, (value, count) in objective.validation_metrics(cache).items():
+                    self.log(f"val/{name}/{key}", value, batch_size=count)
         self.evaluator.update(cache.image_embedding(), cache.text_embedding(), batch["meta"])
+        if self.backbone.decoder is not None and batch_idx < self.caption_batches:
+            generated = self.generate(batch["image"], **self.generation_cfg)
+            self._captions += list(zip(generated, batch["text"], batch["meta"], strict=True))
 
     def encode_prompts(self, prompts: list[str]) -> Tensor:
         ids, mask = self.tokenizer.encode(prompts)
@@ -116,8 +164,37 @@ class PretrainModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         metrics = self.evaluator.compute(self.encode_prompts)
+        if self._captions:
+            metrics.update(self.caption_metrics())
         self.log_dict({f"val/{k}": v for k, v in metrics.items()})
         self.evaluator.reset()
+
+    def caption_metrics(self) -> dict[str, float]:
+        """BLEU-4 / CIDEr of generated captions against the val captions, and how often
+        a caption names the right colour and shape (single-object images)."""
+        predictions = {str(i): c[0] for i, c in enumerate(self._captions)}
+        references = {str(i): [c[1]] for i, c in enumerate(self._captions)}
+        scores = caption_scores(predictions, references)
+        metrics = {"caption/bleu4": scores["bleu4"], "caption/cider": scores["cider"]}
+        metas = [c[2] for c in self._captions]
+        if any("color" in m and "shape" in m for m in metas):
+            generated = [c[0] for c in self._captions]
+            metrics["caption/attribute_match"] = attribute_match_rate(generated, metas)
+        return metrics
+
+    @torch.no_grad()
+    def generate(self, images: Tensor, **kwargs) -> list[str]:
+        """Captions for a batch of preprocessed images (strategy, num_beams, ... as in
+        `polymodal.models.generation.generate`)."""
+        tok = self.tokenizer
+        ids, _ = self.backbone.generate(
+            images.to(self.device),
+            bos_id=tok.bos_id,
+            eos_id=tok.eos_id,
+            pad_id=tok.pad_id,
+            **kwargs,
+        )
+        return tok.decode_batch(ids)
 
     def configure_optimizers(self):
         cfg = dict(self.optimizer_cfg)
@@ -130,7 +207,5 @@ class PretrainModule(L.LightningModule):
             total_steps=int(total),
             min_lr_ratio=float(self.scheduler_cfg.get("min_lr_ratio", 0.0)),
         )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+        schedule = {"scheduler": scheduler, "interval": "step"}
+        return {"optimizer": optimizer, "lr_scheduler": schedule}

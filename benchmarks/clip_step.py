@@ -1,0 +1,91 @@
+"""Training-step throughput of the CLIP backbone: samples/s per precision and batch size.
+
+    python benchmarks/clip_step.py                       # the default model, CPU
+    python benchmarks/clip_step.py --model clip_tiny --batch-sizes 64 128 256 --device cuda
+
+Synthetic tensors (no data loading): this measures the model + optimizer step only.
+Prints a markdown table with the machine it ran on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from polymodal.objectives.itc import clip_loss
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def build_backbone(model: str, overrides: list[str]) -> torch.nn.Module:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[f"model={model}", "paths.root_dir=.", "paths.output_dir=.", *overrides],
+        )
+    return instantiate(cfg.model), cfg
+
+
+def measure(model, cfg, batch: int, precision: str, device: str, steps: int) -> float:
+    size, length = cfg.data.image_size, cfg.data.context_length
+    images = torch.randn(batch, 3, size, size, device=device)
+    ids = torch.randint(5, cfg.model.vocab_size, (batch, length), device=device)
+    mask = torch.ones(batch, length, dtype=torch.bool, device=device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    dtype = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}[precision]
+    scale = torch.tensor(14.0, device=device)
+    device_type = device.split(":")[0]
+
+    def step() -> None:
+        with torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype is not None):
+            loss = clip_loss(model.embed_image(images), model.embed_text(ids, mask), scale)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return batch * steps / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="clip_tiny")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128])
+    parser.add_argument("--precisions", nargs="+", default=["32", "bf16-mixed"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.image.depth=6")
+    args = parser.parse_args()
+
+    model, cfg = build_backbone(args.model, args.overrides)
+    model.to(args.device).train()
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    cpu = platform.processor() or platform.machine()
+    print(
+        f"machine: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"device {args.device}; model {args.model} ({params:.2f}M params)"
+    )
+    print("| batch | precision | samples/s |")
+    print("|---:|---|---:|")
+    for batch in args.batch_sizes:
+        for precision in args.precisions:
+            rate = measure(model, cfg, batch, precision, args.device, args.steps)
+            print(f"| {batch} | {precision} | {rate:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Image-conditioned masked language modeling (ALBEF/BLIP/FLAVA).
+
+15% of the real, non-special caption tokens are chosen; of those 80% become [MASK], 10% a
+random token and 10% stay; the fused encoder (text cross-attending to the image) predicts
+the originals. Validation also masks every colour/shape word and compares accuracy with
+the true image against a shuffled one: the gap is what the image contributes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from polymodal.models.backbone import Backbone
+from polymodal.objectives.base import EncodingCache, Objective, ObjectiveOutput
+
+IGNORE_INDEX = -100
+
+
+def mask_tokens(
+    ids: Tensor,
+    text_mask: Tensor,
+    mask_id: int,
+    num_special: int,
+    vocab_size: int,
+    prob: float = 0.15,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """BERT masking. Token ids < `num_special` (pad, bos, eos, ...) are never chosen; each
+    sequence with a candidate gets at least one masked token. Returns (inputs, labels)."""
+    device = ids.device
+    candidates = text_mask & (ids >= num_special)
+    scores = torch.rand(ids.shape, generator=generator, device=device)
+    chosen = candidates & (scores < prob)
+    # guarantee one masked token per sequence: the candidate with the lowest score
+    first = scores.masked_fill(~candidates, 2.0).argmin(dim=1, keepdim=True)
+    has_candidate = candidates.any(dim=1, keepdim=True)
+    chosen |= torch.zeros_like(chosen).scatter(1, first, True) & has_candidate
+    labels = ids.masked_fill(~chosen, IGNORE_INDEX)
+    action = torch.rand(ids.shape, generator=generator, device=device)
+    random_ids = torch.randint(
+        num_special, vocab_size, ids.shape, generator=generator, device=device
+    )
+    inputs = torch.where(chosen & (action < 0.8), torch.full_like(ids, mask_id), ids)
+    inputs = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, inputs)
+    return inputs, labels
+
+
+class MLMObjective(Objective):
+    def __init__(
+        self,
+        backbone: Backbone,
+        mask_prob: float = 0.15,
+        eval_attributes: tuple[str, ...] = ("color", "shape"),
+    ) -> None:
+        super().__init__()
+        backbone.require("fusion")
+        width = backbone.text_width
+        self.head = nn.Sequential(
+            nn.Linear(width, width),
+            nn.GELU(),
+            nn.LayerNorm(width),
+            nn.Linear(width, backbone.vocab_size),
+        )
+        self.mask_prob = mask_prob
+        self.vocab_size = backbone.vocab_size
+        self.eval_attributes = tuple(eval_attributes)
+        self.mask_id: int | None = None
+        self.num_special = 5
+        self.register_buffer("word_ids", torch.empty(0, dtype=torch.long), persistent=False)
+
+    def setup(self, tokenizer, class_names: dict[str, list[str]]) -> None:
+        """Learn the [MASK] id and which token ids are whole attribute words (for eval)."""
+        self.mask_id = tokenizer.mask_id
+        self.num_special = (
+            max(tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.mask_id) + 1
+        )
+        words = [w for a in self.eval_attributes for w in class_names.get(a, [])]
+        ids, mask = tokenizer.encode(words) if words else (None, None)
+        single = (
+            []
+            if ids is None
+            else [row[1].item() for row, m in zip(ids, mask, strict=True) if m.sum() == 3]
+        )  # BOS word EOS
+        self.word_ids = torch.tensor(single, dtype=torch.long, device=self.word_ids.device)
+
+    def predict(self, cache: EncodingCache, inputs: Tensor, image_tokens: Tensor) -> Tensor:
+        mask = cache.batch["text_mask"]
+        text_tokens = cache.backbone.encode_text(inputs, mask)
+        return self.head(cache.backbone.fuse(text_tokens, mask, image_tokens))
+
+    def forward(self, cache: EncodingCache) -> ObjectiveOutput:
+        if self.mask_id is None:
+            raise RuntimeError("MLMObjective.setup(tokenizer, ...) was not called")
+        ids, mask = cache.batch["text_ids"], cache.batch["text_mask"]
+        inputs, labels = mask_tokens(
+            ids, mask, self.mask_id, self.num_special, self.vocab_size, self.mask_prob
+        )
+        logits = self.predict(cache, inputs, cache.image_tokens())
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+        chosen = labels != IGNORE_INDEX
+        acc = (logits.argmax(-1)[chosen] == labels[chosen]).float().mean()
+        return ObjectiveOutput(loss=loss, logs={"acc": acc.detach()})
+
+    @torch.no_grad()
+    def validation_metrics(self, cache: EncodingCache) -> dict[str, tuple[Tensor, int]]:
+        ids = cache.batch["text_ids"]
+        chosen = torch.isin(ids, self.word_ids) & cache.batch["text_mask"]
+        count = int(chosen.sum())
+        if count == 0:
+            return {}
+        inputs = ids.masked_fill(chosen, self.mask_id)
+        image_tokens = cache.image_tokens()
+        shuffled = image_tokens.roll(1, dims=0)
+        metrics = {}
+        for name, tokens in (("word_acc", image_tokens), ("word_acc_shuffled_image", shuffled)):
+            pred = self.predict(cache, inputs, tokens).argmax(-1)
+            metrics[name] = ((pred[chosen] == ids[chosen]).float().mean(), count)
+        return metrics

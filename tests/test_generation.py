@@ -1,0 +1,383 @@
+"""CaptionDecoder (KV cache, masks) and generate(): cache == recompute, beam/greedy/sampling."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from polymodal.models.decoder import CaptionDecoder
+from polymodal.models.generation import generate
+
+PAD, BOS, EOS = 0, 2, 3  # the tokenizer's ids
+VOCAB, MEMORY_DIM, CONTEXT = 50, 24, 16
+
+
+class BiasedDecoder(CaptionDecoder):
+    """A random decoder plus fixed logit offsets: `bias` everywhere, `repeat` on the input token.
+
+    `repeat` rewards predicting the token just fed, i.e. repeating; `bias[EOS]` sets how soon
+    sequences end. Both act through forward(), so teacher forcing sees the same model.
+    """
+
+    def __init__(self, bias: Tensor, repeat: float = 0.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.register_buffer("bias", bias)
+        self.repeat = repeat
+
+    def forward(self, ids: Tensor, *args, **kwargs) -> Tensor:
+        logits = super().forward(ids, *args, **kwargs)
+        return logits + self.bias + self.repeat * F.one_hot(ids, self.bias.numel())
+
+
+def make_decoder(
+    seed: int = 0, vocab: int = VOCAB, eos_bias: float = 0.0, repeat: float = 0.0
+) -> BiasedDecoder:
+    torch.manual_seed(seed)
+    bias = torch.zeros(vocab)
+    bias[EOS] = eos_bias
+    decoder = BiasedDecoder(
+        bias,
+        repeat,
+        vocab_size=vocab,
+        context_length=CONTEXT,
+        width=32,
+        depth=2,
+        num_heads=4,
+        memory_dim=MEMORY_DIM,
+    )
+    # Larger than the 0.02 init so the random model has clear preferences (fewer near-ties).
+    nn.init.normal_(decoder.token_embedding.weight, std=0.3)
+    return decoder.eval()
+
+
+def make_memory(batch: int, seed: int = 1) -> Tensor:
+    return torch.randn(batch, 5, MEMORY_DIM, generator=torch.Generator().manual_seed(seed))
+
+
+def gen(decoder: CaptionDecoder, memory: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
+    return generate(decoder, memory, bos_id=BOS, eos_id=EOS, pad_id=PAD, **kwargs)
+
+
+def sequence_logprob(
+    decoder: CaptionDecoder, ids: Tensor, memory: Tensor, memory_mask: Tensor | None = None
+) -> Tensor:
+    """Teacher-forced sum of log-probs of ids[:, 1:] up to and including the first EOS."""
+    targets = ids[:, 1:]
+    is_eos = targets == EOS
+    valid = (is_eos.cumsum(dim=1) - is_eos.long()) == 0
+    text_mask = torch.cat([torch.ones_like(valid[:, :1]), valid[:, :-1]], dim=1)
+    with torch.no_grad():
+        logits = decoder(ids[:, :-1], memory, memory_mask=memory_mask, text_mask=text_mask)
+    logprobs = logits.log_softmax(dim=-1).gather(-1, targets[..., None])[..., 0]
+    return logprobs.where(valid, 0.0).sum(dim=1)
+
+
+def test_cached_logits_match_full_prefix() -> None:
+    decoder = make_decoder()
+    ids = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(0))
+    memory = make_memory(3)
+    memory_mask = torch.ones(3, 5, dtype=torch.bool)
+    memory_mask[1, 3:] = False
+    with torch.no_grad():
+        full = decoder(ids, memory, memory_mask=memory_mask)
+        cache = decoder.init_cache()
+        # A prompt chunk, single tokens, then a chunk on top of cached keys (causal within it).
+        chunks = [(0, 4), *((t, t + 1) for t in range(4, 8)), (8, 12)]
+        cached = torch.cat(
+            [decoder(ids[:, a:b], memory, memory_mask=memory_mask, cache=cache) for a, b in chunks],
+            dim=1,
+        )
+    assert cache.length == 12
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=0)
+
+
+def test_cache_reorder_selects_rows_of_all_layers() -> None:
+    decoder = make_decoder()
+    ids = torch.randint(0, VOCAB, (3, 8), generator=torch.Generator().manual_seed(0))
+    memory = make_memory(3)
+    index = torch.tensor([2, 0, 0])
+    with torch.no_grad():
+        full = decoder(ids[index], memory[index])
+        cache = decoder.init_cache()
+        decoder(ids[:, :5], memory, cache=cache)
+        cache.reorder(index)
+        # The reordered cached memory keys/values are used from now on, not this argument.
+        continued = decoder(ids[index, 5:], memory, cache=cache)
+    torch.testing.assert_close(continued, full[:, 5:], atol=1e-5, rtol=0)
+
+
+SAMPLE_KWARGS = {"top_k": 20, "top_p": 0.9, "temperature": 0.8, "repetition_penalty": 1.3}
+
+
+@pytest.mark.parametrize(
+    ("strategy", "kwargs"),
+    [("greedy", {}), ("beam", {"num_beams": 4}), ("sample", SAMPLE_KWARGS)],
+)
+def test_cached_generation_matches_recompute(strategy: str, kwargs: dict) -> None:
+    decoder = make_decoder(eos_bias=1.5)
+    memory = make_memory(6)
+    memory_mask = torch.ones(6, 5, dtype=torch.bool)
+    memory_mask[::2, 4] = False
+    outputs = [
+        gen(
+            decoder,
+            memory,
+            memory_mask=memory_mask,
+            strategy=strategy,
+            max_length=10,
+            use_cache=use_cache,
+            generator=torch.Generator().manual_seed(0),
+            **kwargs,
+        )
+        for use_cache in (True, False)
+    ]
+    (cached_ids, cached_logprob), (full_ids, full_logprob) = outputs
+    assert torch.equal(cached_ids, full_ids)
+    torch.testing.assert_close(cached_logprob, full_logprob, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "kwargs"),
+    [
+        ("greedy", {"min_length": 3, "repetition_penalty": 1.5}),
+        ("beam", {"num_beams": 3, "min_length": 3, "repetition_penalty": 1.5}),
+        ("sample", SAMPLE_KWARGS),
+    ],
+)
+def test_returned_logprob_is_the_raw_model_logprob(strategy: str, kwargs: dict) -> None:
+    decoder = make_decoder(eos_bias=1.5)
+    memory = make_memory(6)
+    ids, logprob = gen(
+        decoder,
+        memory,
+        strategy=strategy,
+        max_length=10,
+        generator=torch.Generator().manual_seed(0),
+        **kwargs,
+    )
+    torch.testing.assert_close(logprob, sequence_logprob(decoder, ids, memory), atol=1e-5, rtol=0)
+
+
+def test_beam_not_worse_than_greedy_when_greedy_path_stays_a_candidate() -> None:
+    """Beam search is not better than greedy in general: the greedy prefix can drop out of the
+    beam and the kept prefixes can continue worse. It is guaranteed when the greedy prefix is
+    still a candidate at the last step, e.g. for two generated tokens (the greedy first token
+    ranks first): the best two-token continuation of the beam then includes the greedy pair.
+    Ranking by raw sum (length_penalty=0) with no EOS (min_length=max_length) keeps lengths equal.
+    """
+    decoder = make_decoder()
+    memory = make_memory(8)
+    common = {"max_length": 3, "min_length": 3, "length_penalty": 0.0}
+    greedy_ids, _ = gen(decoder, memory, strategy="greedy", **common)
+    beam_ids, _ = gen(decoder, memory, strategy="beam", num_beams=4, **common)
+    assert greedy_ids.shape == beam_ids.shape == (8, 3)
+    greedy = sequence_logprob(decoder, greedy_ids, memory)
+    beam = sequence_logprob(decoder, beam_ids, memory)
+    assert (beam >= greedy - 1e-5).all()
+
+
+def test_beam_search_is_exact_when_beams_cover_all_prefixes() -> None:
+    """With as many beams as prefixes, beam search is exhaustive: compare with brute force."""
+    vocab, batch = 8, 3
+    decoder = make_decoder(vocab=vocab)
+    memory = make_memory(batch)
+    common = {"max_length": 4, "min_length": 4, "length_penalty": 0.0}  # 3 tokens, no EOS
+    tokens = [t for t in range(vocab) if t != EOS]
+    beam_ids, beam_logprob = gen(
+        decoder, memory, strategy="beam", num_beams=len(tokens) ** 2, **common
+    )
+    greedy_ids, _ = gen(decoder, memory, strategy="greedy", **common)
+    candidates = torch.tensor(list(itertools.product(tokens, repeat=3)))
+    candidates = torch.cat([torch.full((len(candidates), 1), BOS), candidates], dim=1)
+    for i in range(batch):
+        item_memory = memory[i : i + 1].expand(len(candidates), -1, -1)
+        scores = sequence_logprob(decoder, candidates, item_memory)
+        best = scores.argmax()
+        assert torch.equal(beam_ids[i], candidates[best])
+        torch.testing.assert_close(beam_logprob[i], scores[best], atol=1e-5, rtol=0)
+        greedy = sequence_logprob(decoder, greedy_ids[i : i + 1], memory[i : i + 1])
+        assert greedy <= scores[best] + 1e-5
+
+
+def test_one_beam_is_greedy() -> None:
+    """With length_penalty=0 a finished greedy hypothesis beats all its continuations."""
+    decoder = make_decoder(eos_bias=4.0)
+    memory = make_memory(6)
+    greedy_ids, greedy_logprob = gen(decoder, memory, strategy="greedy", max_length=12)
+    beam_ids, beam_logprob = gen(
+        decoder, memory, strategy="beam", num_beams=1, length_penalty=0.0, max_length=12
+    )
+    assert (greedy_ids == EOS).any()
+    assert torch.equal(beam_ids, greedy_ids)
+    torch.testing.assert_close(beam_logprob, greedy_logprob)
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_min_length_delays_eos(strategy: str) -> None:
+    decoder = make_decoder(eos_bias=10.0)  # EOS is the top token everywhere
+    memory = make_memory(4)
+    # length_penalty=0: any token before EOS costs log-prob, so beam search also ends first.
+    common = {"strategy": strategy, "max_length": 9, "length_penalty": 0.0}
+    ids, _ = gen(decoder, memory, **common)
+    assert ids.tolist() == [[BOS, EOS]] * 4
+    ids, _ = gen(decoder, memory, min_length=5, **common)
+    assert ids.shape == (4, 6)
+    assert (ids[:, 5] == EOS).all() and not (ids[:, :5] == EOS).any()
+
+
+@pytest.mark.parametrize(
+    ("strategy", "kwargs"),
+    [("greedy", {}), ("beam", {"num_beams": 3}), ("sample", {"temperature": 1.5})],
+)
+def test_output_format(strategy: str, kwargs: dict) -> None:
+    decoder = make_decoder(eos_bias=4.0)
+    memory = make_memory(8)
+    generator = torch.Generator().manual_seed(0)
+    ids, logprob = gen(
+        decoder,
+        memory,
+        strategy=strategy,
+        max_length=10,
+        min_length=3,
+        generator=generator,
+        **kwargs,
+    )
+    assert ids.shape[0] == 8 and ids.shape[1] <= 10 and logprob.shape == (8,)
+    assert (ids[:, 0] == BOS).all()
+    assert not (ids[:, :3] == EOS).any()
+    is_eos = ids == EOS
+    assert is_eos.any()  # some rows end early, so the padding check below is not vacuous
+    after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
+    assert (ids[after_eos] == PAD).all()
+    assert (is_eos.sum(dim=1) <= 1).all()
+
+    ids, _ = gen(decoder, memory, strategy=strategy, max_length=7, min_length=7, **kwargs)
+    assert ids.shape == (8, 7) and not (ids == EOS).any()
+
+
+def test_repetition_penalty_reduces_repeats() -> None:
+    # Random tied-embedding decoders already like to repeat their input; `repeat` adds to it.
+    decoder = make_decoder(repeat=1.0)
+
+    def repeats(penalty: float) -> int:
+        """Generated tokens (of 6 x 11) that already occurred earlier in their sequence."""
+        ids, _ = gen(
+            decoder, make_memory(6), max_length=12, min_length=12, repetition_penalty=penalty
+        )
+        generated = ids[:, 1:]
+        seen_before = (generated[:, :, None] == generated[:, None, :]).tril(diagonal=-1)
+        return int(seen_before.any(dim=2).sum())
+
+    baseline = repeats(1.0)
+    assert baseline >= 50
+    assert repeats(2.0) < baseline
+    assert repeats(5.0) <= baseline // 4
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy() -> None:
+    decoder = make_decoder(eos_bias=1.5)
+    memory = make_memory(6)
+    greedy_ids, _ = gen(decoder, memory, max_length=10)
+    for kwargs in ({"top_k": 1}, {"top_p": 1e-6}):
+        ids, _ = gen(
+            decoder,
+            memory,
+            strategy="sample",
+            max_length=10,
+            temperature=0.7,
+            generator=torch.Generator().manual_seed(0),
+            **kwargs,
+        )
+        assert torch.equal(ids, greedy_ids)
+
+
+def test_sampling_is_seeded() -> None:
+    decoder = make_decoder()
+    memory = make_memory(6)
+
+    def sample(seed: int) -> Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        return gen(decoder, memory, strategy="sample", max_length=10, generator=generator)[0]
+
+    assert torch.equal(sample(0), sample(0))
+    assert not torch.equal(sample(0), sample(1))
+
+
+def test_text_mask_padding() -> None:
+    """Right padding: no NaNs anywhere, and real positions ignore what the padding holds."""
+    decoder = make_decoder()
+    memory = make_memory(3)
+    lengths = torch.tensor([8, 5, 1])
+    text_mask = torch.arange(8)[None] < lengths[:, None]
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, VOCAB, (3, 8), generator=generator)
+    other = torch.where(text_mask, ids, torch.randint(0, VOCAB, (3, 8), generator=generator))
+    with torch.no_grad():
+        logits = decoder(ids, memory, text_mask=text_mask)
+        other_logits = decoder(other, memory, text_mask=text_mask)
+        unmasked = decoder(ids, memory)
+    assert logits.isfinite().all() and other_logits.isfinite().all()
+    torch.testing.assert_close(logits[text_mask], other_logits[text_mask])
+    torch.testing.assert_close(logits[text_mask], unmasked[text_mask], atol=1e-5, rtol=0)
+
+
+def test_captioning_loss_trains_decoder_and_memory() -> None:
+    torch.manual_seed(0)
+    decoder = CaptionDecoder(VOCAB, context_length=CONTEXT, width=32, num_heads=4, memory_dim=24)
+    memory = make_memory(4).requires_grad_()
+    ids = torch.randint(4, VOCAB, (4, 9))
+    ids[:, 0] = BOS
+    ids[1, 5:] = PAD
+    text_mask = ids != PAD
+    logits = decoder(ids[:, :-1], memory, text_mask=text_mask[:, :-1])
+    loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), ignore_index=PAD)
+    loss.backward()
+    assert memory.grad is not None and memory.grad.isfinite().all()
+    assert memory.grad.abs().sum() > 0
+    for name, param in decoder.named_parameters():
+        assert param.grad is not None and param.grad.isfinite().all(), name
+    assert decoder.no_weight_decay() <= dict(decoder.named_parameters()).keys()
+
+
+def test_context_length_errors() -> None:
+    decoder = make_decoder()
+    memory = make_memory(2)
+    with pytest.raises(ValueError, match="context_length"):
+        decoder(torch.zeros(2, CONTEXT + 1, dtype=torch.long), memory)
+    cache = decoder.init_cache()
+    decoder(torch.zeros(2, 10, dtype=torch.long), memory, cache=cache)
+    with pytest.raises(ValueError, match="context_length"):
+        decoder(torch.zeros(2, 7, dtype=torch.long), memory, cache=cache)
+    with pytest.raises(ValueError, match="text_mask"):
+        decoder(torch.zeros(2, 1, dtype=torch.long), memory, text_mask=torch.ones(2, 1).bool(),
+                cache=cache)  # fmt: skip
+    with pytest.raises(ValueError, match="max_length"):
+        gen(decoder, memory, max_length=CONTEXT + 2)
+    ids, _ = gen(decoder, memory, max_length=CONTEXT + 1, min_length=CONTEXT + 1)
+    assert ids.shape == (2, CONTEXT + 1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"strategy": "nucleus"}, "strategy"),
+        ({"strategy": "beam", "num_beams": 0}, "num_beams"),
+        ({"strategy": "sample", "top_p": 0.0}, "top_p"),
+        ({"strategy": "sample", "top_p": 1.5}, "top_p"),
+        ({"strategy": "sample", "top_k": -1}, "top_k"),
+        ({"strategy": "sample", "temperature": 0.0}, "temperature"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"max_length": 1}, "max_length"),
+        ({"min_length": 30}, "min_length"),
+        ({"eos_id": VOCAB}, "eos_id"),
+    ],
+)
+def test_invalid_generation_arguments(kwargs: dict, match: str) -> None:
+    decoder = make_decoder()
+    arguments = {"bos_id": BOS, "eos_id": EOS, "pad_id": PAD, "max_length": 10, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        generate(decoder, make_memory(2), **arguments)

@@ -1,0 +1,107 @@
+"""ITM negative mining, MLM masking, MIM and captioning losses against independent formulas."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from polymodal.objectives.caption import caption_loss
+from polymodal.objectives.itm import same_pair_mask, sample_hard_negatives
+from polymodal.objectives.mim import masked_patch_loss, patchify, random_keep
+from polymodal.objectives.mlm import IGNORE_INDEX, mask_tokens
+
+
+def test_hard_negatives_never_positive_or_same_id():
+    """Duplicate captions and a shared image id: those pairs are never drawn."""
+    captions = ["a red circle", "a blue star", "a red circle", "a green heart", "a blue star", "x"]
+    image_ids = ["0", "1", "2", "3", "4", "3"]  # 3 and 5 show the same image
+    same = same_pair_mask(image_ids, captions)
+    assert same[0, 2] and same[1, 4] and same[3, 5] and same.diagonal().all()
+    gen = torch.Generator().manual_seed(0)
+    sim = torch.randn(6, 6, generator=gen) * 3
+    for _ in range(300):
+        index, valid = sample_hard_negatives(sim, same, generator=gen)
+        assert valid.all()
+        assert not same[torch.arange(6), index].any()
+
+
+def test_hard_negatives_follow_similarity_softmax():
+    same = torch.eye(3, dtype=torch.bool)
+    sim = torch.tensor([[0.0, 2.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    gen = torch.Generator().manual_seed(1)
+    draws = torch.stack([sample_hard_negatives(sim, same, gen)[0][0] for _ in range(4000)])
+    expected = np.exp(2) / (np.exp(2) + 1)  # column 1 vs column 2 for row 0
+    assert abs((draws == 1).float().mean().item() - expected) < 0.03
+
+
+def test_row_without_allowed_negative_is_invalid():
+    same = torch.ones(2, 2, dtype=torch.bool)
+    _, valid = sample_hard_negatives(torch.zeros(2, 2), same)
+    assert not valid.any()
+
+
+def test_mlm_masking_rates_and_specials():
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 100, (400, 20), generator=gen)
+    ids[:, 0], ids[:, 15] = 2, 3  # BOS, EOS
+    ids[:, 16:] = 0  # padding
+    mask = ids != 0
+    inputs, labels = mask_tokens(ids, mask, mask_id=4, num_special=5, vocab_size=100, generator=gen)
+    chosen = labels != IGNORE_INDEX
+    assert not chosen[:, 0].any() and not chosen[:, 15:].any()  # BOS, EOS, padding
+    assert chosen.any(dim=1).all()  # at least one per sequence
+    rate = chosen[:, 1:15].float().mean().item()
+    assert 0.14 < rate < 0.18  # 15% plus the one-per-sequence guarantee
+    assert torch.equal(labels[chosen], ids[chosen])
+    masked = (inputs[chosen] == 4).float().mean().item()
+    kept = (inputs[chosen] == ids[chosen]).float().mean().item()
+    assert abs(masked - 0.8) < 0.03
+    assert abs(kept - 0.1) < 0.03 + 0.01  # random replacements can hit the same id
+    assert torch.equal(inputs[~chosen], ids[~chosen])
+
+
+def test_patchify_and_masking():
+    images = torch.arange(2 * 3 * 4 * 4, dtype=torch.float).reshape(2, 3, 4, 4)
+    patches = patchify(images, 2)
+    assert patches.shape == (2, 4, 12)
+    # patch 1 = rows 0-1, cols 2-3, channel-last inside the patch
+    expected = images[0, :, 0:2, 2:4].permute(1, 2, 0).reshape(-1)
+    assert torch.equal(patches[0, 1], expected)
+    keep, masked = random_keep(5, 16, 0.75)
+    assert keep.shape == (5, 4) and masked.sum(dim=1).eq(12).all()
+    assert not masked.gather(1, keep).any()
+
+
+def test_masked_patch_loss_ignores_visible_patches():
+    gen = torch.Generator().manual_seed(0)
+    pred = torch.randn(2, 6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(2, 6, 5, generator=gen, dtype=torch.float64)
+    masked = torch.tensor([[1, 1, 0, 0, 0, 1], [0, 1, 0, 1, 0, 0]], dtype=torch.bool)
+    loss = masked_patch_loss(pred, target, masked)
+    loss.backward()
+    p, t, m = pred.detach().numpy(), target.numpy(), masked.numpy()
+    ref = np.mean(
+        [((p[b, n] - t[b, n]) ** 2).mean() for b in range(2) for n in range(6) if m[b, n]]
+    )
+    assert abs(loss.item() - ref) < 1e-12
+    grad_ref = np.where(m[..., None], 2 * (p - t) / 5 / m.sum(), 0.0)
+    np.testing.assert_allclose(pred.grad.numpy(), grad_ref, atol=1e-12)
+
+
+def test_caption_loss_matches_manual_cross_entropy():
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.tensor([[2, 7, 8, 3, 0], [2, 9, 3, 0, 0]])
+    mask = ids != 0
+    logits = torch.randn(2, 4, 12, generator=gen, dtype=torch.float64, requires_grad=True)
+    loss = caption_loss(logits, ids, mask)
+    loss.backward()
+    lg = logits.detach().numpy()
+    logp = lg - np.log(np.exp(lg).sum(-1, keepdims=True))
+    terms = [(b, t) for b in range(2) for t in range(4) if mask[b, t + 1]]
+    ref = -np.mean([logp[b, t, ids[b, t + 1]] for b, t in terms])
+    assert abs(loss.item() - ref) < 1e-12
+    grad = np.zeros_like(lg)
+    for b, t in terms:
+        grad[b, t] = np.exp(logp[b, t])
+        grad[b, t, ids[b, t + 1]] -= 1
+    np.testing.assert_allclose(logits.grad.numpy(), grad / len(terms), atol=1e-12)
