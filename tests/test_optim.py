@@ -34,8 +34,8 @@ def test_no_decay_on_norms_biases_embeddings_and_logit_scale():
     skip = no_weight_decay_names(model)
     expected_skip = {
         "itc.logit_scale",
-        "backbone.encoders.text_tower.token_embedding.weight",
-        "backbone.encoders.text_tower.pos_embedding",
+        "backbone.encoders.text_tower.embed.token.weight",
+        "backbone.encoders.text_tower.embed.position",
         "backbone.encoders.image_tower.model.pos_embed",
         "backbone.encoders.image_tower.model.cls_token",
         "backbone.encoders.text_tower.norm.weight",

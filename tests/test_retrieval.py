@@ -147,3 +147,22 @@ def test_out_of_range_caption_index_is_rejected():
     image_emb, text_emb = embeddings_for([[1.0, 0.0], [0.0, 1.0]])
     with pytest.raises(ValueError, match="indices"):
         retrieval_metrics(image_emb, text_emb, torch.tensor([0, 2]))
+
+
+def test_reranking_by_an_oracle_scorer_fixes_recall_at_1():
+    """Embeddings rank the true caption 2nd; a pair scorer that knows the truth moves it to 1st."""
+    from polymodal.evaluation.retrieval import reranked_recall_at_1
+
+    n = 6
+    text = torch.eye(n, 8)
+    # each image is closest to the *next* caption, second closest to its own
+    image = torch.nn.functional.normalize(text.roll(-1, 0) + 0.6 * text, dim=-1)
+    pairs = torch.arange(n)
+    assert retrieval_metrics(image, text, pairs)["i2t_r1"] == 0.0
+
+    def oracle(image_index, text_index):
+        return (image_index == text_index).float()
+
+    result = reranked_recall_at_1(image, text, pairs, oracle, k=3)
+    assert result == {"i2t_r1_reranked": 1.0, "t2i_r1_reranked": 1.0}
+    assert reranked_recall_at_1(image, text, pairs, oracle, k=1)["i2t_r1_reranked"] == 0.0

@@ -106,3 +106,36 @@ def test_every_objective_runs_with_weight_sharing(sharing, tmp_path, shapes_dir)
     for name in ("itc", "itm", "mlm", "mim", "caption", "siglip"):
         assert f"val/{name}/loss" in metrics
     assert "val/caption/bleu4" in metrics
+
+
+def test_wandb_offline_run_writes_a_local_run(tmp_path, shapes_dir, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    overrides = [
+        "logger=wandb",
+        "callbacks=null",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=1",
+        "trainer.log_every_n_steps=1",
+        "data.batch_size=16",
+        "data.num_workers=0",
+    ]
+    train(compose_train(overrides, tmp_path, shapes_dir))
+    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
+
+
+def test_multirun_sweep_writes_one_output_dir_per_point(tmp_path, shapes_dir):
+    sweep_dir = tmp_path / "sweep"
+    out = run_cli(
+        "-m",
+        "debug=fdr",
+        "data.batch_size=8,16",
+        f"paths.shapes_dir={shapes_dir}",
+        "data.prepare=null",
+        f"hydra.sweep.dir={sweep_dir}",
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = sorted(sweep_dir.glob("*/metrics.json"))
+    assert [p.parent.name for p in results] == ["0", "1"]

@@ -64,6 +64,10 @@ class EmbeddingEvaluator:
         self._text.append(text_emb.detach().float().cpu())
         self._meta.extend(meta)
 
+    def embeddings(self) -> tuple[Tensor, Tensor]:
+        """All (image, text) embeddings collected since the last reset."""
+        return torch.cat(self._image), torch.cat(self._text)
+
     def labels(self, attribute: str) -> Tensor:
         index = {name: i for i, name in enumerate(self.classes(attribute))}
         return torch.tensor([index.get(m.get(attribute), -1) for m in self._meta])
@@ -73,7 +77,7 @@ class EmbeddingEvaluator:
         """Metrics named `zeroshot/<attr>_acc`, `zeroshot/mean_acc`, `retrieval/i2t_r1`, ..."""
         if not self._image:
             return {}
-        image = torch.cat(self._image)
+        image, text = self.embeddings()
         metrics: dict[str, float] = {}
         accs = []
         for attribute, templates in self.templates.items():
@@ -93,7 +97,6 @@ class EmbeddingEvaluator:
         if accs:
             metrics["zeroshot/mean_acc"] = sum(accs) / len(accs)
         if self.retrieval:
-            text = torch.cat(self._text)
             pairs = torch.arange(len(text))
             result = retrieval_metrics(image, text, pairs, chunk_size=self.retrieval_chunk_size)
             metrics.update({f"retrieval/{k}": v for k, v in result.items()})

@@ -4,7 +4,7 @@ Similarities are computed chunk by chunk so that evaluation on large sets never 
 full Ni x Nt matrix; only `chunk_size` x N scores exist at any time.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -112,3 +112,47 @@ def retrieval_metrics(
         metrics[f"{direction}_median_rank"] = _median(ranks)
         metrics[f"{direction}_mean_rank"] = ranks.double().mean().item()
     return metrics
+
+
+def _reranked_best(
+    queries: Tensor,
+    keys: Tensor,
+    score: Callable[[Tensor, Tensor], Tensor],
+    k: int,
+    chunk_size: int,
+) -> Tensor:
+    """Per query, the key among its top-k by similarity that `score(query, key)` ranks first."""
+    best = []
+    for start in range(0, len(queries), chunk_size):
+        cand = (queries[start : start + chunk_size] @ keys.T).topk(min(k, len(keys)), dim=1).indices
+        query = torch.arange(start, start + len(cand), device=cand.device)
+        scores = score(query.repeat_interleave(cand.shape[1]), cand.reshape(-1)).view(cand.shape)
+        best.append(cand.gather(1, scores.argmax(dim=1, keepdim=True)).squeeze(1))
+    return torch.cat(best)
+
+
+@torch.no_grad()
+def reranked_recall_at_1(
+    image_emb: Tensor,
+    text_emb: Tensor,
+    text_to_image: Tensor,
+    score_pairs: Callable[[Tensor, Tensor], Tensor],
+    k: int = 16,
+    chunk_size: int = 256,
+) -> dict[str, float]:
+    """R@1 after re-ranking each query's top-k by a pair scorer (ALBEF/BLIP: ITM over ITC).
+
+    `score_pairs(image_index, text_index)` returns a score per pair (higher = better match).
+    Image->text counts a hit when the best re-ranked text is one of the image's captions.
+    Only top-k candidates are scored, chunk by chunk, so memory stays bounded.
+    """
+    image_emb, text_emb = image_emb.float(), text_emb.float()
+    best_text = _reranked_best(image_emb, text_emb, score_pairs, k, chunk_size)
+    best_image = _reranked_best(
+        text_emb, image_emb, lambda text, image: score_pairs(image, text), k, chunk_size
+    )
+    images = torch.arange(len(image_emb), device=best_text.device)
+    return {
+        "i2t_r1_reranked": (text_to_image[best_text] == images).float().mean().item(),
+        "t2i_r1_reranked": (best_image == text_to_image).float().mean().item(),
+    }

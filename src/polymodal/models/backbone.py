@@ -39,7 +39,6 @@ class SeparateTowers(nn.Module):
         self.num_patches = self.image_tower.num_patches
         self.num_prefix_tokens = self.image_tower.num_prefix_tokens
         self.image_width, self.text_width = self.image_tower.width, self.text_tower.width
-        self.token_embedding = self.text_tower.token_embedding
 
     def encode_image(self, images: Tensor, keep: Tensor | None = None) -> Tensor:
         return self.image_tower.encode(images, keep)
@@ -138,10 +137,6 @@ class Backbone(nn.Module):
     @property
     def image_width(self) -> int:
         return self.encoders.image_width
-
-    @property
-    def token_embedding(self) -> nn.Embedding:
-        return self.encoders.token_embedding
 
     def encode_image(self, images: Tensor, keep: Tensor | None = None) -> Tensor:
         """Image tokens; with `keep` [B, K] only those patches (plus CLS) are encoded."""

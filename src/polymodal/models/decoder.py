@@ -7,11 +7,16 @@ tokens, and the memory's keys/values are projected once and reused.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from polymodal.models.transformer import LayerCache, SelfAttention, mlp, padding_attn_mask
+from polymodal.models.transformer import (
+    LayerCache,
+    SelfAttention,
+    TextEmbedding,
+    mlp,
+    padding_attn_mask,
+)
 
 
 class KVCache:
@@ -114,17 +119,11 @@ class CaptionDecoder(nn.Module):
     ) -> None:
         super().__init__()
         self.context_length = context_length
-        self.token_embedding = nn.Embedding(vocab_size, width)
-        self.pos_embedding = nn.Parameter(torch.empty(context_length, width))
+        self.embed = TextEmbedding(vocab_size, context_length, width)
         self.blocks = nn.ModuleList(
             DecoderBlock(width, num_heads, mlp_ratio, memory_dim) for _ in range(depth)
         )
         self.norm = nn.LayerNorm(width)
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
-        nn.init.normal_(self.pos_embedding, std=0.01)
-
-    def no_weight_decay(self) -> set[str]:
-        return {"pos_embedding", "token_embedding.weight"}
 
     def init_cache(self) -> KVCache:
         return KVCache(len(self.blocks))
@@ -154,10 +153,10 @@ class CaptionDecoder(nn.Module):
             )
         if text_mask is not None and cache is not None:
             raise ValueError("text_mask is for teacher forcing and cannot be used with a cache")
-        x = self.token_embedding(ids) + self.pos_embedding[past : past + length]
+        x = self.embed(ids, offset=past)
         # padding_attn_mask keeps each query's own key, so no row is fully masked (no NaNs).
         attn_mask = None if text_mask is None else padding_attn_mask(text_mask, causal=True)
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache.layers[i]
             x = block(x, memory, memory_mask=memory_mask, attn_mask=attn_mask, cache=layer_cache)
-        return F.linear(self.norm(x), self.token_embedding.weight)
+        return F.linear(self.norm(x), self.embed.token.weight)

@@ -63,7 +63,7 @@ def generate(
     decoder cross-attends to. `use_cache=False` recomputes the whole prefix every step; it is
     the slow reference the KV-cached path must match. See the module docstring for conventions.
     """
-    vocab_size = decoder.token_embedding.num_embeddings
+    vocab_size = decoder.embed.token.num_embeddings
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown generation strategy {strategy!r}; expected one of {STRATEGIES}")
     if memory.ndim != 3:

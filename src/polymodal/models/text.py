@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from polymodal.models.transformer import Block, padding_attn_mask
+from polymodal.models.transformer import Block, TextEmbedding, padding_attn_mask
 
 
 class TextTransformer(nn.Module):
@@ -34,26 +34,15 @@ class TextTransformer(nn.Module):
         self.causal = causal
         self.pool_type = pool
         self.width = width
-        self.token_embedding = nn.Embedding(vocab_size, width)
-        self.pos_embedding = nn.Parameter(torch.empty(context_length, width))
+        self.embed = TextEmbedding(vocab_size, context_length, width)
         self.blocks = nn.ModuleList(
             Block(width, num_heads, mlp_ratio, dropout) for _ in range(depth)
         )
         self.norm = nn.LayerNorm(width)
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
-        nn.init.normal_(self.pos_embedding, std=0.01)
-
-    def no_weight_decay(self) -> set[str]:
-        return {"pos_embedding", "token_embedding.weight"}
 
     def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
         """Token features [B, L, width] for ids [B, L] with a boolean mask (True = real)."""
-        if ids.shape[1] > self.pos_embedding.shape[0]:
-            raise ValueError(
-                f"text length {ids.shape[1]} exceeds model.text.context_length "
-                f"{self.pos_embedding.shape[0]}"
-            )
-        x = self.token_embedding(ids) + self.pos_embedding[: ids.shape[1]]
+        x = self.embed(ids)
         attn_mask = padding_attn_mask(mask, self.causal)
         for block in self.blocks:
             x = block(x, attn_mask=attn_mask)

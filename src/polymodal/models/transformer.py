@@ -115,6 +115,29 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class TextEmbedding(nn.Module):
+    """Token + learned position embeddings. `offset` continues the positions after cached
+    ones (incremental decoding)."""
+
+    def __init__(self, vocab_size: int, context_length: int, width: int) -> None:
+        super().__init__()
+        self.token = nn.Embedding(vocab_size, width)
+        self.position = nn.Parameter(torch.empty(context_length, width))
+        nn.init.normal_(self.token.weight, std=0.02)
+        nn.init.normal_(self.position, std=0.01)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"position", "token.weight"}
+
+    def forward(self, ids: Tensor, offset: int = 0) -> Tensor:
+        end = offset + ids.shape[1]
+        if end > self.position.shape[0]:
+            raise ValueError(
+                f"text length {end} exceeds the context length {self.position.shape[0]}"
+            )
+        return self.token(ids) + self.position[offset:end]
+
+
 def padding_attn_mask(mask: Tensor, causal: bool) -> Tensor:
     """Boolean SDPA mask [B, 1, L, L] (True = may attend) from a [B, L] token mask.
 

@@ -13,7 +13,7 @@ from timm.layers import PatchEmbed
 from torch import Tensor, nn
 
 from polymodal.models.image import ConvStemPatchEmbed, keep_patches
-from polymodal.models.transformer import Block, padding_attn_mask
+from polymodal.models.transformer import Block, TextEmbedding, padding_attn_mask
 
 
 class SharedTrunk(nn.Module):
@@ -49,9 +49,7 @@ class SharedTrunk(nn.Module):
         self.num_prefix_tokens = 1
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         self.image_pos = nn.Parameter(torch.randn(1, 1 + self.num_patches, width) * 0.02)
-        self.token_embedding = nn.Embedding(vocab_size, width)
-        self.text_pos = nn.Parameter(torch.randn(context_length, width) * 0.01)
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        self.text_embed = TextEmbedding(vocab_size, context_length, width)
         experts = ("image", "text") if sharing == "multiway" else None
         self.blocks = nn.ModuleList(
             Block(width, num_heads, mlp_ratio, experts=experts) for _ in range(depth)
@@ -61,7 +59,7 @@ class SharedTrunk(nn.Module):
         self.causal, self.pool_type = causal, pool
 
     def no_weight_decay(self) -> set[str]:
-        return {"cls_token", "image_pos", "text_pos", "token_embedding.weight"}
+        return {"cls_token", "image_pos"}
 
     def encode_image(self, images: Tensor, keep: Tensor | None = None) -> Tensor:
         x = self.patch_embed(images)
@@ -73,7 +71,7 @@ class SharedTrunk(nn.Module):
         return self.norms["image"](x)
 
     def encode_text(self, ids: Tensor, mask: Tensor) -> Tensor:
-        x = self.token_embedding(ids) + self.text_pos[: ids.shape[1]]
+        x = self.text_embed(ids)
         attn_mask = padding_attn_mask(mask, self.causal)
         for block in self.blocks:
             x = block(x, attn_mask=attn_mask, expert=self.experts["text"])

@@ -54,14 +54,19 @@ class ITMObjective(Objective):
         backbone.require("fusion")
         self.head = nn.Linear(backbone.text_width, 2)
 
+    def pair_logits(
+        self, backbone: Backbone, text_tokens: Tensor, text_mask: Tensor, image_tokens: Tensor
+    ) -> Tensor:
+        """ITM logits [N, 2] (unmatched, matched) for aligned rows of text and image tokens."""
+        return self.head(backbone.fuse(text_tokens, text_mask, image_tokens)[:, 0])
+
     def match_logits(self, cache: EncodingCache, text_index: Tensor, image_index: Tensor):
         """ITM logits [N, 2] for pairs (text_index[n], image_index[n]) of the batch."""
         text_tokens, image_tokens = cache.text_tokens(), cache.image_tokens()
         mask = cache.batch["text_mask"]
-        fused = cache.backbone.fuse(
-            text_tokens[text_index], mask[text_index], image_tokens[image_index]
+        return self.pair_logits(
+            cache.backbone, text_tokens[text_index], mask[text_index], image_tokens[image_index]
         )
-        return self.head(fused[:, 0])
 
     def forward(self, cache: EncodingCache) -> ObjectiveOutput:
         batch = cache.batch

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from polymodal.evaluation.captioning import attribute_match_rate, caption_scores
 from polymodal.evaluation.evaluator import EmbeddingEvaluator
+from polymodal.evaluation.retrieval import reranked_recall_at_1
 from polymodal.models.backbone import Backbone
 from polymodal.objectives.base import EncodingCache, Objective
 from polymodal.tasks.optim import param_groups, warmup_cosine
@@ -90,12 +91,14 @@ class PretrainModule(L.LightningModule):
         self.scheduler_cfg = _plain(scheduler)
         evaluation = dict(_plain(evaluation) or {})
         self.caption_batches = int(evaluation.pop("caption_batches", 2))
+        self.itm_rerank_k = int(evaluation.pop("itm_rerank_k", 16))
         self.generation_cfg = dict(evaluation.pop("generation", {}) or {})
         self.evaluation_cfg = evaluation
         self.evaluator: EmbeddingEvaluator | None = None
         self.tokenizer = None
         self.skipped_samples = 0
         self._captions: list[tuple[str, str, dict]] = []
+        self._val_tokens: list[tuple[Tensor, Tensor, Tensor]] = []
 
     def setup(self, stage: str) -> None:
         """Take the tokenizer and the zero-shot spec from the datamodule (they describe data)."""
@@ -138,7 +141,7 @@ class PretrainModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self.evaluator.reset()
-        self._captions = []
+        self._captions, self._val_tokens = [], []
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         size = batch["image"].shape[0]
@@ -154,6 +157,9 @@ class PretrainModule(L.LightningModule):
                 for key, (value, count) in objective.validation_metrics(cache).items():
                     self.log(f"val/{name}/{key}", value, batch_size=count)
         self.evaluator.update(cache.image_embedding(), cache.text_embedding(), batch["meta"])
+        if "itm" in self.objectives and self.itm_rerank_k > 0:
+            tokens = (cache.image_tokens(), cache.text_tokens(), batch["text_mask"])
+            self._val_tokens.append(tuple(t.detach() for t in tokens))
         if self.backbone.decoder is not None and batch_idx < self.caption_batches:
             generated = self.generate(batch["image"], **self.generation_cfg)
             self._captions += list(zip(generated, batch["text"], batch["meta"], strict=True))
@@ -166,6 +172,8 @@ class PretrainModule(L.LightningModule):
         metrics = self.evaluator.compute(self.encode_prompts)
         if self._captions:
             metrics.update(self.caption_metrics())
+        if self._val_tokens:
+            metrics.update(self.itm_rerank_metrics())
         self.log_dict({f"val/{k}": v for k, v in metrics.items()})
         self.evaluator.reset()
 
@@ -181,6 +189,30 @@ class PretrainModule(L.LightningModule):
             generated = [c[0] for c in self._captions]
             metrics["caption/attribute_match"] = attribute_match_rate(generated, metas)
         return metrics
+
+    @torch.no_grad()
+    def itm_rerank_metrics(self, chunk_size: int = 512) -> dict[str, float]:
+        """Retrieval R@1 with each query's ITC top-k re-ranked by the ITM head."""
+        image_tokens, text_tokens, text_mask = (
+            torch.cat(t) for t in zip(*self._val_tokens, strict=True)
+        )
+        itm = self.objectives["itm"]
+
+        def score(image_index: Tensor, text_index: Tensor) -> Tensor:
+            scores = []
+            for start in range(0, len(image_index), chunk_size):
+                i = image_index[start : start + chunk_size]
+                t = text_index[start : start + chunk_size]
+                logits = itm.pair_logits(
+                    self.backbone, text_tokens[t], text_mask[t], image_tokens[i]
+                )
+                scores.append(logits.softmax(dim=-1)[:, 1])
+            return torch.cat(scores)
+
+        image_emb, text_emb = (e.to(self.device) for e in self.evaluator.embeddings())
+        pairs = torch.arange(len(text_emb), device=self.device)
+        result = reranked_recall_at_1(image_emb, text_emb, pairs, score, k=self.itm_rerank_k)
+        return {f"retrieval/{k}": v for k, v in result.items()}
 
     @torch.no_grad()
     def generate(self, images: Tensor, **kwargs) -> list[str]:
