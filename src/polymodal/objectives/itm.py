@@ -17,12 +17,13 @@ from polymodal.objectives.base import EncodingCache, Objective, ObjectiveOutput
 
 def same_pair_mask(image_ids: list[str], captions: list[str], device=None) -> Tensor:
     """[B, B] True where sample i and j share an image id or have identical captions."""
-    n = len(image_ids)
-    same = [
-        [image_ids[i] == image_ids[j] or captions[i] == captions[j] for j in range(n)]
-        for i in range(n)
-    ]
-    return torch.tensor(same, dtype=torch.bool, device=device)
+
+    def codes(values: list[str]) -> Tensor:
+        index: dict[str, int] = {}
+        return torch.tensor([index.setdefault(v, len(index)) for v in values], device=device)
+
+    image, caption = codes(image_ids), codes(captions)
+    return (image[:, None] == image[None]) | (caption[:, None] == caption[None])
 
 
 def sample_hard_negatives(
