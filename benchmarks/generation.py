@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 
 from polymodal.evaluation.captioning import attribute_match_rate
 
+ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = {
     "greedy": {"strategy": "greedy"},
     "greedy, no cache": {"strategy": "greedy", "use_cache": False},
@@ -38,6 +39,7 @@ STRATEGIES = {
 def load_run(run_dir: Path):
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     cfg.paths.output_dir = str(run_dir)
+    cfg.paths.root_dir = str(ROOT)  # the saved config refers to the launch dir via ${hydra:}
     datamodule = instantiate(cfg.data)
     datamodule.setup()
     module = instantiate(cfg.task, backbone=instantiate(cfg.model))

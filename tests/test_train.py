@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from polymodal.data.shapes import write_shapes
 from polymodal.train import train
@@ -41,6 +42,7 @@ def test_short_run_learns_above_chance(tmp_path, learning_shapes):
         "logger=csv",
         "callbacks=default",
         "trainer.max_steps=150",
+        "callbacks.last_checkpoint.every_n_train_steps=50",
         "trainer.val_check_interval=150",
         "trainer.log_every_n_steps=10",
         "data.batch_size=64",
@@ -56,7 +58,11 @@ def test_short_run_learns_above_chance(tmp_path, learning_shapes):
     assert metrics["val/zeroshot/color_acc"] > 0.4
     assert metrics["val/zeroshot/mean_acc"] > 0.3
     assert metrics["val/retrieval/t2i_r10"] > 10 / 256
-    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    last = torch.load(
+        tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+    )
+    assert last["global_step"] == 150  # refreshed at the end even if the best did not improve
+    assert len(list((tmp_path / "checkpoints").glob("best-step*.ckpt"))) == 1
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -106,6 +112,8 @@ def test_every_objective_runs_with_weight_sharing(sharing, tmp_path, shapes_dir)
     for name in ("itc", "itm", "mlm", "mim", "caption", "siglip"):
         assert f"val/{name}/loss" in metrics
     assert "val/caption/bleu4" in metrics
+    samples = (tmp_path / "samples" / "captions_step1.jsonl").read_text().splitlines()
+    assert samples and all({"generated", "reference"} <= json.loads(s).keys() for s in samples)
 
 
 def test_wandb_offline_run_writes_a_local_run(tmp_path, shapes_dir, monkeypatch):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import wandb
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -22,7 +23,9 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit the configured task, validate the final weights, write metrics.json."""
+    """Fit the configured task, validate the final weights, write metrics.json.
+
+    Returns the final metrics (the app prints them as a table)."""
     check_types(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
@@ -43,9 +46,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics["train/global_step"] = float(trainer.global_step)
     metrics["data/skipped_samples"] = float(module.skipped_samples)
     if rank_zero_only.rank == 0:
-        output_dir = cfg.paths.output_dir
-        write_metrics(metrics, output_dir)
-        print_metrics(metrics, output_dir)
+        write_metrics(metrics, cfg.paths.output_dir)
     return metrics
 
 
@@ -57,9 +58,9 @@ def main(cfg: DictConfig) -> float | None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     finally:
-        import wandb
-
         wandb.finish()  # so the runs of a multirun never merge into one
+    if rank_zero_only.rank == 0:
+        print_metrics(metrics, cfg.paths.output_dir)  # last, after wandb's own summary
     metric = cfg.get("optimized_metric")
     return metrics.get(metric) if metric else None
 

@@ -7,12 +7,13 @@ recipes (ALBEF, CoCa, FLAVA, BLIP) list several. An objective with weight 0 is n
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Mapping
+from pathlib import Path
 
 import lightning as L
 import torch
-from hydra._internal.utils import _locate
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
@@ -62,7 +63,7 @@ def build_objectives(specs: Mapping, backbone: Backbone) -> tuple[nn.ModuleDict,
                     "set its _target_"
                 )
             spec["_target_"] = OBJECTIVES[name]
-        target = _locate(spec["_target_"])
+        target = get_object(spec["_target_"])
         if "backbone" in inspect.signature(target).parameters:
             spec["backbone"] = backbone
         objective = instantiate(spec)
@@ -172,6 +173,7 @@ class PretrainModule(L.LightningModule):
         metrics = self.evaluator.compute(self.encode_prompts)
         if self._captions:
             metrics.update(self.caption_metrics())
+            self.log_caption_samples()
         if self._val_tokens:
             metrics.update(self.itm_rerank_metrics())
         self.log_dict({f"val/{k}": v for k, v in metrics.items()})
@@ -189,6 +191,19 @@ class PretrainModule(L.LightningModule):
             generated = [c[0] for c in self._captions]
             metrics["caption/attribute_match"] = attribute_match_rate(generated, metas)
         return metrics
+
+    def log_caption_samples(self, count: int = 16) -> None:
+        """A few generated captions next to the references: a wandb table when wandb is
+        a logger, and always `<root>/samples/captions_step<N>.jsonl`."""
+        rows = [[generated, reference] for generated, reference, _ in self._captions[:count]]
+        for logger in self.loggers:
+            if hasattr(logger, "log_text"):
+                logger.log_text(key="val/captions", columns=["generated", "reference"], data=rows)
+        if self.trainer.is_global_zero:
+            out = Path(self.trainer.default_root_dir) / "samples"
+            out.mkdir(parents=True, exist_ok=True)
+            lines = [json.dumps({"generated": g, "reference": r}) for g, r in rows]
+            (out / f"captions_step{self.global_step}.jsonl").write_text("\n".join(lines) + "\n")
 
     @torch.no_grad()
     def itm_rerank_metrics(self, chunk_size: int = 512) -> dict[str, float]:

@@ -13,7 +13,7 @@ import types
 import typing
 from typing import Any
 
-from hydra._internal.utils import _locate
+from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig
 
 from polymodal.utils.errors import ConfigError
@@ -51,7 +51,7 @@ def _is_checkable(hint: Any) -> bool:
 
 
 def _hints(target: str) -> dict[str, Any]:
-    obj = _locate(target)
+    obj = get_object(target)
     fn = obj.__init__ if inspect.isclass(obj) else obj
     try:
         return typing.get_type_hints(fn)
