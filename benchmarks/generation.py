@@ -1,8 +1,8 @@
 """Decoding strategies on a trained captioning run: speed, agreement and quality.
 
-    python benchmarks/generation.py logs/recipes/captioner [--batches 2]
+    python benchmarks/generation.py logs/recipes/captioner [--batches 2] [--ckpt PATH]
 
-Loads `<run>/.hydra/config.yaml` and `<run>/checkpoints/last.ckpt`, captions the first
+Loads `<run>/.hydra/config.yaml` and `<run>/checkpoints/last.ckpt` (or --ckpt), captions the first
 val batches with each strategy, and prints per strategy: seconds, how often the caption
 names the right colour and shape, the mean sequence log-probability; then whether the
 KV-cached tokens equal the recomputed ones and for how many images beam search (4 beams)
@@ -36,7 +36,7 @@ STRATEGIES = {
 }
 
 
-def load_run(run_dir: Path):
+def load_run(run_dir: Path, ckpt: Path):
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     cfg.paths.output_dir = str(run_dir)
     cfg.paths.root_dir = str(ROOT)  # the saved config refers to the launch dir via ${hydra:}
@@ -47,7 +47,7 @@ def load_run(run_dir: Path):
         run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
     )
     module.load_state_dict(state["state_dict"])
-    return module.eval(), datamodule
+    return module.eval(), datamodule, state["global_step"]
 
 
 def main() -> None:
@@ -55,9 +55,12 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--batches", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=24)
+    parser.add_argument("--ckpt", type=Path, help="default: <run_dir>/checkpoints/last.ckpt")
     args = parser.parse_args()
 
-    module, datamodule = load_run(args.run_dir)
+    ckpt = args.ckpt or args.run_dir / "checkpoints" / "last.ckpt"
+    module, datamodule, step = load_run(args.run_dir, ckpt)
+    print(f"checkpoint: {ckpt} (step {step})")
     tok = datamodule.tokenizer
     batches = [b for _, b in zip(range(args.batches), datamodule.val_dataloader(), strict=False)]
     results = {}

@@ -120,10 +120,10 @@ def test_wandb_offline_run_writes_a_local_run(tmp_path, shapes_dir, monkeypatch)
     monkeypatch.setenv("WANDB_MODE", "offline")
     overrides = [
         "logger=wandb",
-        "callbacks=null",
+        "~callbacks",
         "trainer.max_steps=2",
         "trainer.val_check_interval=2",
-        "trainer.limit_val_batches=1",
+        "+trainer.limit_val_batches=1",
         "trainer.log_every_n_steps=1",
         "data.batch_size=16",
         "data.num_workers=0",
