@@ -69,13 +69,12 @@ def run(experiment: str, overrides: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("experiments", nargs="*")
-    parser.add_argument("overrides", nargs="*", default=[], help="after --")
-    args, extra = parser.parse_known_args()
-    names = args.experiments or sorted(
-        p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")
-    )
-    rows = [run(name, extra) for name in names]
+    parser.add_argument("args", nargs="*", help="experiment names, then key=value overrides")
+    args = parser.parse_args().args
+    names = [a for a in args if "=" not in a]
+    overrides = [a for a in args if "=" in a]
+    names = names or sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+    rows = [run(name, overrides) for name in names]
     keys = [k for k in rows[0] if k != "experiment"]
     keys += [k for r in rows for k in r if k not in keys and k != "experiment"]
     print("| experiment | " + " | ".join(keys) + " |")
