@@ -183,8 +183,11 @@ class Backbone(nn.Module):
         return self.decoder(ids, memory, text_mask=text_mask, cache=cache)
 
     @torch.no_grad()
-    def generate(self, images: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
+    def generate(
+        self, images: Tensor | None = None, image_tokens: Tensor | None = None, **kwargs
+    ) -> tuple[Tensor, Tensor]:
         """Token ids and log-probabilities of captions for `images` (see models.generation)."""
         if self.decoder is None:
             raise RuntimeError("no caption decoder: this model was not trained to caption")
-        return generate(self.decoder, self.encode_image(images), **kwargs)
+        memory = self.encode_image(images) if image_tokens is None else image_tokens
+        return generate(self.decoder, memory, **kwargs)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
-from polymodal.models.transformer import Block, TextEmbedding, padding_attn_mask
+from polymodal.models.transformer import Block, TextEmbedding, padding_attn_mask, pool_text
 
 
 class TextTransformer(nn.Module):
@@ -49,7 +48,4 @@ class TextTransformer(nn.Module):
         return self.norm(x)
 
     def pool(self, tokens: Tensor, mask: Tensor) -> Tensor:
-        if self.pool_type == "cls":
-            return tokens[:, 0]
-        last = mask.long().sum(dim=1) - 1
-        return tokens[torch.arange(tokens.shape[0], device=tokens.device), last]
+        return pool_text(tokens, mask, self.pool_type)

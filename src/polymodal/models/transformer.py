@@ -138,6 +138,14 @@ class TextEmbedding(nn.Module):
         return self.token(ids) + self.position[offset:end]
 
 
+def pool_text(tokens: Tensor, mask: Tensor, pool: str) -> Tensor:
+    """`cls`: the first (BOS) token; `eos`: the last real token (captions end with EOS)."""
+    if pool == "cls":
+        return tokens[:, 0]
+    last = mask.long().sum(dim=1) - 1
+    return tokens[torch.arange(tokens.shape[0], device=tokens.device), last]
+
+
 def padding_attn_mask(mask: Tensor, causal: bool) -> Tensor:
     """Boolean SDPA mask [B, 1, L, L] (True = may attend) from a [B, L] token mask.
 

@@ -13,7 +13,7 @@ from timm.layers import PatchEmbed
 from torch import Tensor, nn
 
 from polymodal.models.image import ConvStemPatchEmbed, keep_patches
-from polymodal.models.transformer import Block, TextEmbedding, padding_attn_mask
+from polymodal.models.transformer import Block, TextEmbedding, padding_attn_mask, pool_text
 
 
 class SharedTrunk(nn.Module):
@@ -81,7 +81,4 @@ class SharedTrunk(nn.Module):
         return tokens[:, 0]
 
     def pool_text(self, tokens: Tensor, mask: Tensor) -> Tensor:
-        if self.pool_type == "cls":
-            return tokens[:, 0]
-        last = mask.long().sum(dim=1) - 1
-        return tokens[torch.arange(tokens.shape[0], device=tokens.device), last]
+        return pool_text(tokens, mask, self.pool_type)

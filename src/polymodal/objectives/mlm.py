@@ -85,10 +85,10 @@ class MLMObjective(Objective):
         )  # BOS word EOS
         self.word_ids = torch.tensor(single, dtype=torch.long, device=self.word_ids.device)
 
-    def predict(self, cache: EncodingCache, inputs: Tensor, image_tokens: Tensor) -> Tensor:
-        mask = cache.batch["text_mask"]
-        text_tokens = cache.backbone.encode_text(inputs, mask)
-        return self.head(cache.backbone.fuse(text_tokens, mask, image_tokens))
+    def predict(self, cache: EncodingCache, text_tokens: Tensor, image_tokens: Tensor) -> Tensor:
+        """Vocabulary logits for (masked) text tokens fused with image tokens."""
+        fused = cache.backbone.fuse(text_tokens, cache.batch["text_mask"], image_tokens)
+        return self.head(fused)
 
     def forward(self, cache: EncodingCache) -> ObjectiveOutput:
         if self.mask_id is None:
@@ -97,7 +97,8 @@ class MLMObjective(Objective):
         inputs, labels = mask_tokens(
             ids, mask, self.mask_id, self.num_special, self.vocab_size, self.mask_prob
         )
-        logits = self.predict(cache, inputs, cache.image_tokens())
+        text_tokens = cache.backbone.encode_text(inputs, mask)
+        logits = self.predict(cache, text_tokens, cache.image_tokens())
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
         chosen = labels != IGNORE_INDEX
         acc = (logits.argmax(-1)[chosen] == labels[chosen]).float().mean()
@@ -119,11 +120,12 @@ class MLMObjective(Objective):
         if not words.any():
             return {}
         inputs = ids.masked_fill(words, self.mask_id)
+        text_tokens = cache.backbone.encode_text(inputs, cache.batch["text_mask"])
         image_tokens = cache.image_tokens()
         shuffled = image_tokens.roll(1, dims=0)
         metrics = {}
         for suffix, tokens in (("", image_tokens), ("_shuffled_image", shuffled)):
-            correct = self.predict(cache, inputs, tokens).argmax(-1) == ids
+            correct = self.predict(cache, text_tokens, tokens).argmax(-1) == ids
             for name, chosen in (("word_acc", words & single[:, None]), ("word_acc_all", words)):
                 if chosen.any():
                     metrics[name + suffix] = (correct[chosen].float().mean(), int(chosen.sum()))

@@ -162,7 +162,7 @@ class PretrainModule(L.LightningModule):
             tokens = (cache.image_tokens(), cache.text_tokens(), batch["text_mask"])
             self._val_tokens.append(tuple(t.detach() for t in tokens))
         if self.backbone.decoder is not None and batch_idx < self.caption_batches:
-            generated = self.generate(batch["image"], **self.generation_cfg)
+            generated = self.generate(image_tokens=cache.image_tokens(), **self.generation_cfg)
             self._captions += list(zip(generated, batch["text"], batch["meta"], strict=True))
 
     def encode_prompts(self, prompts: list[str]) -> Tensor:
@@ -230,12 +230,15 @@ class PretrainModule(L.LightningModule):
         return {f"retrieval/{k}": v for k, v in result.items()}
 
     @torch.no_grad()
-    def generate(self, images: Tensor, **kwargs) -> list[str]:
-        """Captions for a batch of preprocessed images (strategy, num_beams, ... as in
-        `polymodal.models.generation.generate`)."""
+    def generate(
+        self, images: Tensor | None = None, image_tokens: Tensor | None = None, **kwargs
+    ) -> list[str]:
+        """Captions for a batch of preprocessed images, or of their already encoded tokens
+        (strategy, num_beams, ... as in `polymodal.models.generation.generate`)."""
         tok = self.tokenizer
         ids, _ = self.backbone.generate(
-            images.to(self.device),
+            None if images is None else images.to(self.device),
+            image_tokens,
             bos_id=tok.bos_id,
             eos_id=tok.eos_id,
             pad_id=tok.pad_id,
