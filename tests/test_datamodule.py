@@ -16,16 +16,19 @@ from polymodal.data.datamodule import (
     TokenizingCollate,
     WebDataModule,
     expand_shards,
+    shard_sizes,
 )
 from polymodal.data.tokenizer import TextTokenizer
 from polymodal.data.transforms import image_transform
 from polymodal.utils.errors import ConfigError
+from tests.helpers import write_uneven_shards
 
 
 def make_dataset(shapes_dir: Path, urls: list[str], **kwargs) -> ShardedSamples:
     tokenizer = TextTokenizer(shapes_dir / "tokenizer.json", 16)
     decoder = SampleDecoder(image_transform(64, train=False))
-    return ShardedSamples(urls, decoder, TokenizingCollate(tokenizer), **kwargs)
+    sizes = shard_sizes(urls, "test")
+    return ShardedSamples(urls, sizes, decoder, TokenizingCollate(tokenizer), **kwargs)
 
 
 def keys_of(batches) -> list[str]:
@@ -42,26 +45,77 @@ def test_batches_have_the_documented_fields(shapes_dir):
     assert batch["skipped"] == 0
 
 
-def test_ranks_and_workers_read_disjoint_shards_covering_the_epoch(shapes_dir):
-    """2 ranks x 2 workers (real worker processes), non-resampled: every key exactly once."""
-    urls = expand_shards(str(shapes_dir / "train" / "*.tar"), "data.train_shards")
-    seen = []
-    for rank in range(2):
-        dataset = make_dataset(
-            shapes_dir, urls, batch_size=16, rank=rank, world_size=2, partial=True, seed=3
-        )
-        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2)
-        seen.append(keys_of(loader))
-    assert not set(seen[0]) & set(seen[1])
-    all_keys = seen[0] + seen[1]
-    assert len(all_keys) == len(set(all_keys)) == 512
+UNEVEN = [37, 101, 64, 9, 50, 120, 3, 128]  # 512 samples in 8 shards of uneven size
+
+
+def read_epoch(urls, shapes_dir, rank, world, workers, **kwargs) -> list[list[str]]:
+    """Keys of each batch one rank reads in one epoch through real worker processes."""
+    dataset = make_dataset(shapes_dir, urls, rank=rank, world_size=world, seed=3, **kwargs)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers)
+    return [batch["key"] for batch in loader]
+
+
+@pytest.mark.parametrize("world,workers,batch", [(2, 2, 16), (2, 2, 10), (3, 2, 7)])
+def test_training_epoch_splits_samples_exactly_over_ranks(
+    shapes_dir, tmp_path, world, workers, batch
+):
+    """Uneven shards: ranks read disjoint samples, take the same number of full batches,
+    and together read every sample but the < W*B that would leave ranks uneven."""
+    urls = write_uneven_shards(shapes_dir / "train", tmp_path, UNEVEN)
+    steps = 512 // (batch * world)
+    per_rank = [
+        read_epoch(urls, shapes_dir, r, world, workers, batch_size=batch, batches_per_rank=steps)
+        for r in range(world)
+    ]
+    assert [len(batches) for batches in per_rank] == [steps] * world
+    assert all(len(b) == batch for batches in per_rank for b in batches)
+    keys = [k for batches in per_rank for b in batches for k in b]
+    assert len(keys) == len(set(keys)) == steps * batch * world
+    assert 512 - len(keys) < batch * world
+
+
+def test_resampled_epochs_have_equal_full_batches_per_rank(shapes_dir, tmp_path):
+    urls = write_uneven_shards(shapes_dir / "train", tmp_path, UNEVEN)
+    per_rank = [
+        read_epoch(urls, shapes_dir, r, 2, 2, batch_size=10, batches_per_rank=7, resampled=True)
+        for r in range(2)
+    ]
+    assert [[len(b) for b in batches] for batches in per_rank] == [[10] * 7, [10] * 7]
+    assert per_rank[0] != per_rank[1]  # each rank draws its own shards
+
+
+def test_evaluation_splits_every_sample_over_ranks(shapes_dir, tmp_path):
+    urls = write_uneven_shards(shapes_dir / "train", tmp_path, UNEVEN)
+    per_rank = [
+        read_epoch(urls, shapes_dir, r, 3, 2, batch_size=50, shuffle=False) for r in range(3)
+    ]
+    keys = [k for batches in per_rank for b in batches for k in b]
+    assert len(keys) == len(set(keys)) == 512
+    assert sorted(sum(len(b) for b in batches) for batches in per_rank) == [170, 171, 171]
+
+
+def test_short_reader_repeats_samples_to_keep_its_batch_count(shapes_dir, tmp_path):
+    """A corrupt sample leaves the rank one short: it still yields all its batches."""
+    src = sorted((shapes_dir / "val").glob("*.tar"))[0]
+    write_shard_with_corrupt_sample(src, tmp_path / "bad-000000.tar")
+    (tmp_path / "sizes.json").write_text(json.dumps({"bad-000000.tar": 128}))
+    dataset = make_dataset(
+        shapes_dir, [str(tmp_path / "bad-000000.tar")], batch_size=32, batches_per_rank=4
+    )
+    batches = list(dataset)
+    assert [len(b["key"]) for b in batches] == [32] * 4
+    keys = keys_of(batches)
+    assert len(set(keys)) == 127 and sum(b["skipped"] for b in batches) == 1
 
 
 def test_shuffle_is_seeded(shapes_dir):
     urls = expand_shards(str(shapes_dir / "train" / "*.tar"), "data.train_shards")
 
     def order(seed):
-        return keys_of(make_dataset(shapes_dir, urls, batch_size=32, seed=seed, shuffle_buffer=64))
+        dataset = make_dataset(
+            shapes_dir, urls, batch_size=32, batches_per_rank=16, seed=seed, shuffle_buffer=64
+        )
+        return keys_of(dataset)
 
     assert order(5) == order(5)
     assert order(5) != order(6)
@@ -86,14 +140,9 @@ def write_shard_with_corrupt_sample(src: Path, dst: Path, bad_key_index: int = 3
 def test_corrupt_sample_is_skipped_and_counted(shapes_dir, tmp_path):
     src = sorted((shapes_dir / "val").glob("*.tar"))[0]
     bad_key = write_shard_with_corrupt_sample(src, tmp_path / "bad-000000.tar")
+    (tmp_path / "sizes.json").write_text(json.dumps({"bad-000000.tar": 128}))
     batches = list(
-        make_dataset(
-            shapes_dir,
-            [str(tmp_path / "bad-000000.tar")],
-            batch_size=10,
-            shuffle=False,
-            partial=True,
-        )
+        make_dataset(shapes_dir, [str(tmp_path / "bad-000000.tar")], batch_size=10, shuffle=False)
     )
     keys = keys_of(batches)
     assert bad_key not in keys
@@ -105,6 +154,7 @@ def test_strict_mode_fails_naming_shard_and_key(shapes_dir, tmp_path):
     src = sorted((shapes_dir / "val").glob("*.tar"))[0]
     shard = tmp_path / "bad-000000.tar"
     bad_key = write_shard_with_corrupt_sample(src, shard)
+    (tmp_path / "sizes.json").write_text(json.dumps({"bad-000000.tar": 128}))
     dataset = make_dataset(shapes_dir, [str(shard)], batch_size=10, shuffle=False, strict=True)
     with pytest.raises(ValueError, match=rf"bad-000000\.tar:{bad_key}: cannot decode"):
         list(dataset)
@@ -132,5 +182,11 @@ def test_epoch_length_from_sizes_json(shapes_dir):
     dm.setup()
     loader = dm.train_dataloader()
     assert sum(1 for _ in loader) == 5
+    dm.train_samples = 1000
+    with pytest.raises(ConfigError, match="data.train_samples: only for data.resampled=true"):
+        dm.batches_per_epoch()
+    dm.resampled = True
+    assert dm.batches_per_epoch() == 10
+    assert sum(1 for _ in dm.train_dataloader()) == 10
     with pytest.raises(ConfigError, match="data.tokenizer"):
         WebDataModule(str(shapes_dir / "train" / "*.tar"), None, str(shapes_dir / "x.json")).setup()

@@ -1,11 +1,12 @@
 """Streaming image-text DataModule over webdataset tar shards.
 
-Each rank reads its own shards (rank and world size come from the trainer, never from
-environment guessing, so spawn/forkserver workers split correctly too), each worker a
-slice of those; shards and samples are shuffled with seeds derived from the config seed,
-the epoch, the rank and the worker. Decoding, augmentation, tokenisation and batching all
-happen inside the workers. Training epochs have a fixed number of batches per rank
-(`WebLoader.with_epoch`), so every rank takes the same number of steps.
+Each rank reads its own contiguous part of the epoch's samples (rank and world size come
+from the trainer, never from environment guessing, so spawn/forkserver workers split
+correctly too), each worker a part of that; shards and samples are shuffled with seeds
+derived from the config seed, the epoch, the rank and the worker. Decoding, augmentation,
+tokenisation and batching all happen inside the workers. Every rank takes exactly the
+same number of training batches per epoch, so DDP's collectives never wait for a rank
+that ran out of data.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from polymodal.utils.errors import ConfigError
 log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
+PAD_POOL = 16  # decoded samples a reader keeps to fill in for skipped ones
 TEXT_KEYS = ("txt",)
 
 
@@ -57,9 +59,9 @@ def expand_shards(pattern: str | Sequence[str], field: str) -> list[str]:
     return urls
 
 
-def count_samples(urls: Sequence[str], field: str) -> int:
-    """Total samples from the `sizes.json` files next to the shards (open_clip convention)."""
-    total, cache = 0, {}
+def shard_sizes(urls: Sequence[str], field: str) -> list[int]:
+    """Sample count of each shard, from the `sizes.json` next to it (open_clip convention)."""
+    sizes, cache = [], {}
     for url in urls:
         path = Path(url)
         sizes_file = path.parent / "sizes.json"
@@ -67,11 +69,16 @@ def count_samples(urls: Sequence[str], field: str) -> int:
             cache[sizes_file] = json.loads(sizes_file.read_text()) if sizes_file.exists() else {}
         if path.name not in cache[sizes_file]:
             raise ConfigError(
-                f"{field}: no sample count for {url} in {sizes_file}; "
-                "set data.train_samples or write a sizes.json"
+                f"{field}: no sample count for {url} in {sizes_file}; write a sizes.json "
+                "(or stream with data.resampled=true and data.train_samples)"
             )
-        total += int(cache[sizes_file][path.name])
-    return total
+        sizes.append(int(cache[sizes_file][path.name]))
+    return sizes
+
+
+def split_range(total: int, parts: int, index: int) -> tuple[int, int]:
+    """[start, stop) of part `index` when `total` items are cut into `parts` near-equal runs."""
+    return total * index // parts, total * (index + 1) // parts
 
 
 class SampleDecoder:
@@ -109,47 +116,50 @@ class SampleDecoder:
 
 
 class ShardedSamples(IterableDataset):
-    """Decoded, batched samples of this rank's and this worker's shards.
+    """Decoded, batched samples: this rank's and this worker's share of one epoch.
 
-    Non-resampled: each epoch shuffles the shard list with (seed, epoch) — the same order
-    on every rank — and rank r takes shards r, r+W, ...; worker w of that rank every
-    num_workers-th of those. Resampled: each (rank, worker) draws shards with replacement.
-    Bad samples are skipped and counted (`batch["skipped"]`), or raise when `strict`.
+    Non-resampled: the shards, shuffled with (seed, epoch) (the same order on every rank),
+    are read as one sequence of samples (counts from sizes.json); each (rank, worker)
+    takes a contiguous range of it, so every sample of an epoch goes to exactly one
+    reader, and only a boundary shard is opened by two readers (each skips the other's
+    part). Resampled: each (rank, worker) draws shards with replacement.
+
+    With `batches_per_rank` (training) every rank yields exactly that many full batches per
+    epoch, split over its workers; the < W*B samples that would leave ranks uneven are
+    dropped (a different few each epoch). A reader that comes up short (bad samples
+    skipped, a truncated shard) repeats samples it already yielded, so ranks never fall
+    out of step and collectives never hang. Without it (evaluation) ranks split every
+    sample, the last batch may be partial. Bad samples are skipped and counted
+    (`batch["skipped"]`), or raise when `strict`.
     """
 
     def __init__(
         self,
         urls: Sequence[str],
+        sizes: Sequence[int] | None,
         decoder: SampleDecoder,
         collate: Callable[[list[dict]], dict],
         batch_size: int,
+        batches_per_rank: int | None = None,
         rank: int = 0,
         world_size: int = 1,
         seed: int = 0,
         shuffle: bool = True,
         shuffle_buffer: int = 1000,
         resampled: bool = False,
-        partial: bool = False,
         strict: bool = False,
     ) -> None:
         super().__init__()
-        self.urls = list(urls)
+        if sizes is None and not (resampled and batches_per_rank):
+            raise ValueError("per-shard sizes are needed unless resampling a fixed epoch")
+        self.urls, self.sizes = list(urls), None if sizes is None else list(sizes)
         self.decoder, self.collate = decoder, collate
-        self.batch_size, self.partial = batch_size, partial
+        self.batch_size, self.batches_per_rank = batch_size, batches_per_rank
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
         self.resampled, self.strict = resampled, strict
         self.epoch = -1
         self.skipped = 0
-
-    def worker_shards(self, worker: int, num_workers: int, rng: random.Random) -> Iterator[str]:
-        if self.resampled:
-            while True:
-                yield rng.choice(self.urls)
-        order = list(self.urls)
-        if self.shuffle:
-            random.Random(f"{self.seed}-{self.epoch}").shuffle(order)
-        yield from order[self.rank :: self.world_size][worker::num_workers]
 
     def skip(self, exc: Exception) -> bool:
         if self.strict:
@@ -158,39 +168,109 @@ class ShardedSamples(IterableDataset):
         log.warning("skipping bad sample: %s", exc)
         return True
 
-    def samples(self) -> Iterator[dict]:
+    def sample_range(self, worker: int, num_workers: int) -> tuple[int, int]:
+        """[start, stop) positions in the epoch's sample sequence read by this worker."""
+        if self.batches_per_rank is None:
+            first, last = split_range(sum(self.sizes), self.world_size, self.rank)
+            lo, hi = split_range(last - first, num_workers, worker)
+            return first + lo, first + hi
+        base = self.rank * self.batches_per_rank * self.batch_size
+        lo, hi = split_range(self.batches_per_rank, num_workers, worker)
+        return base + lo * self.batch_size, base + hi * self.batch_size
+
+    def range_stream(self, start: int, stop: int) -> Iterator[dict]:
+        """Raw samples at positions [start, stop) of this epoch's shard order."""
+        order = list(zip(self.urls, self.sizes, strict=True))
+        if self.shuffle:
+            random.Random(f"{self.seed}-{self.epoch}").shuffle(order)
+        offset = 0
+        for url, size in order:
+            lo, hi = max(start, offset) - offset, min(stop, offset + size) - offset
+            offset += size
+            if lo >= hi:
+                continue
+            for index, sample in enumerate(tarfile_samples([{"url": url}], handler=self.skip)):
+                if index >= hi:
+                    break
+                if index >= lo:
+                    yield sample
+
+    def resampled_stream(self, rng: random.Random) -> Iterator[dict]:
+        """Raw samples of shards drawn with replacement, forever."""
+        empty_draws = 0
+        while empty_draws < 4 * len(self.urls):
+            empty_draws += 1
+            url = rng.choice(self.urls)
+            for sample in tarfile_samples([{"url": url}], handler=self.skip):
+                empty_draws = 0
+                yield sample
+        raise ValueError(f"data: no sample in {4 * len(self.urls)} draws from {self.urls[0]}, ...")
+
+    def decoded(self, raw: Iterator[dict]) -> Iterator[dict]:
+        for sample in raw:
+            try:
+                yield self.decoder(sample)
+            except ValueError as exc:
+                self.skip(exc)
+
+    def exactly(self, samples: Iterator[dict], count: int, where: str) -> Iterator[dict]:
+        """`count` samples; when the stream runs short, repeats the first ones it yielded
+        (at most `PAD_POOL` of them are kept in memory for that)."""
+        kept: list[dict] = []
+        yielded = 0
+        for sample in samples:
+            if yielded == count:
+                return
+            if len(kept) < PAD_POOL:
+                kept.append(sample)
+            yielded += 1
+            yield sample
+        if yielded < count:
+            if not kept:
+                raise ValueError(f"data: no usable sample in {where}")
+            log.warning(
+                "data: %s yielded %d of %d samples; repeating some to keep ranks in step",
+                where,
+                yielded,
+                count,
+            )
+            for i in range(count - yielded):
+                yield kept[i % len(kept)]
+
+    def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         self.epoch += 1
         rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
-        shards = self.worker_shards(worker, num_workers, rng)
-        raw = tarfile_samples(({"url": url} for url in shards), handler=self.skip)
+        where = f"rank {self.rank} worker {worker} epoch {self.epoch}"
+        if self.resampled:
+            lo, hi = split_range(self.batches_per_rank, num_workers, worker)
+            raw, wanted = self.resampled_stream(rng), (hi - lo) * self.batch_size
+        else:
+            start, stop = self.sample_range(worker, num_workers)
+            raw, wanted = self.range_stream(start, stop), stop - start
+        if wanted == 0:
+            return
         if self.shuffle:
             raw = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer // 4, rng=rng)(raw)
-        usable = 0
-        for sample in raw:
-            try:
-                decoded = self.decoder(sample)
-            except ValueError as exc:
-                self.skip(exc)
-                continue
-            usable += 1
-            yield decoded
-        if usable == 0 and not self.resampled:
-            mine = list(self.worker_shards(worker, num_workers, rng))
-            if mine:
-                raise ValueError(f"data: no usable sample in {len(mine)} shard(s), e.g. {mine[0]}")
+        samples = self.decoded(raw)
+        if self.batches_per_rank is not None:
+            samples = self.exactly(samples, wanted, where)
+        yield from self.batched(samples, where)
 
-    def __iter__(self) -> Iterator[dict]:
+    def batched(self, samples: Iterator[dict], where: str) -> Iterator[dict]:
         batch: list[dict] = []
-        reported = self.skipped
-        for sample in self.samples():
+        reported, usable = self.skipped, 0
+        for sample in samples:
             batch.append(sample)
+            usable += 1
             if len(batch) == self.batch_size:
                 yield self._collate(batch, reported)
                 batch, reported = [], self.skipped
-        if batch and self.partial:
+        if batch:  # only evaluation has partial batches: training counts are exact
             yield self._collate(batch, reported)
+        if usable == 0:
+            raise ValueError(f"data: no usable sample in {where}")
 
     def _collate(self, batch: list[dict], reported: int) -> dict:
         out = self.collate(batch)
@@ -245,6 +325,7 @@ class WebDataModule(L.LightningDataModule):
         text_keys: Sequence[str] = TEXT_KEYS,
         prepare: Callable[[], object] | None = None,
         zeroshot: Mapping | None = None,
+        worker_start_method: str | None = None,
     ) -> None:
         super().__init__()
         self.train_shards, self.val_shards = train_shards, val_shards
@@ -258,6 +339,7 @@ class WebDataModule(L.LightningDataModule):
         self.image_keys, self.text_keys = image_keys, text_keys
         self.prepare = prepare
         self.zeroshot = zeroshot
+        self.worker_start_method = worker_start_method
         self.tokenizer: TextTokenizer | None = None
 
     def prepare_data(self) -> None:
@@ -277,14 +359,19 @@ class WebDataModule(L.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
 
-    def _loader(self, urls: list[str], train: bool, num_batches: int | None) -> wds.WebLoader:
+    def _loader(self, urls: list[str], train: bool) -> wds.WebLoader:
         rank, world = self.rank_and_world
-        shards_per_rank = len(urls) if train and self.resampled else len(urls[rank::world])
-        workers = min(self.num_workers, max(shards_per_rank, 1))
-        if workers < self.num_workers:
-            log.info(
-                "data: %d shards for rank %d -> using %d workers", shards_per_rank, rank, workers
-            )
+        field = "data.train_shards" if train else "data.val_shards"
+        sizes = None if train and self.resampled else shard_sizes(urls, field)
+        batch_size = self.batch_size if train else self.val_batch_size
+        if train:
+            batches = self.batches_per_epoch(sizes)
+        else:
+            if sum(sizes) < world:
+                raise ConfigError(f"data.val_shards: {sum(sizes)} samples < {world} ranks")
+            first, last = split_range(sum(sizes), world, rank)
+            batches = -(-(last - first) // batch_size)
+        workers = min(self.num_workers, max(batches, 1))
         decoder = SampleDecoder(
             image_transform(self.image_size, train, self.crop_scale, self.hflip),
             self.image_keys,
@@ -292,27 +379,43 @@ class WebDataModule(L.LightningDataModule):
         )
         dataset = ShardedSamples(
             urls,
+            sizes,
             decoder,
             TokenizingCollate(self.tokenizer),
-            batch_size=self.batch_size if train else self.val_batch_size,
+            batch_size=batch_size,
+            batches_per_rank=batches if train else None,
             rank=rank,
             world_size=world,
             seed=self.seed,
             shuffle=train,
             shuffle_buffer=self.shuffle_buffer,
             resampled=train and self.resampled,
-            partial=not train,
             strict=self.strict,
         )
         loader = wds.WebLoader(
-            dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0
+            dataset,
+            batch_size=None,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            multiprocessing_context=self.worker_start_method if workers > 0 else None,
         )
-        return loader.with_epoch(num_batches) if num_batches else loader
+        # a safety net: the dataset already yields exactly `batches` per epoch
+        return loader.with_epoch(batches) if train else loader
 
-    def batches_per_epoch(self) -> int:
-        """Training batches each rank takes per epoch (samples / (batch * world))."""
-        urls = expand_shards(self.train_shards, "data.train_shards")
-        samples = self.train_samples or count_samples(urls, "data.train_shards")
+    def batches_per_epoch(self, sizes: Sequence[int] | None = None) -> int:
+        """Training batches each rank takes per epoch: samples // (batch * world)."""
+        if self.train_samples is not None and not self.resampled:
+            raise ConfigError(
+                "data.train_samples: only for data.resampled=true; a non-resampled epoch "
+                "reads every sample counted in sizes.json"
+            )
+        if self.train_samples is not None:
+            samples = self.train_samples
+        else:
+            if sizes is None:
+                urls = expand_shards(self.train_shards, "data.train_shards")
+                sizes = shard_sizes(urls, "data.train_shards")
+            samples = sum(sizes)
         _, world = self.rank_and_world
         batches = samples // (self.batch_size * world)
         if batches == 0:
@@ -323,10 +426,9 @@ class WebDataModule(L.LightningDataModule):
         return batches
 
     def train_dataloader(self) -> wds.WebLoader:
-        urls = expand_shards(self.train_shards, "data.train_shards")
-        return self._loader(urls, train=True, num_batches=self.batches_per_epoch())
+        return self._loader(expand_shards(self.train_shards, "data.train_shards"), train=True)
 
     def val_dataloader(self) -> wds.WebLoader:
         if self.val_shards is None:
             return []
-        return self._loader(expand_shards(self.val_shards, "data.val_shards"), False, None)
+        return self._loader(expand_shards(self.val_shards, "data.val_shards"), train=False)
