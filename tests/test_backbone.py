@@ -88,3 +88,46 @@ def test_components_are_built_only_when_required():
     assert model.fusion is None and model.decoder is None
     with pytest.raises(RuntimeError, match="require"):
         model.fuse(*batch()[1:], torch.zeros(3, 5, 32))
+
+
+@pytest.mark.parametrize("sharing", ["separate", "multiway", "shared"])
+def test_grad_checkpointing_gives_the_same_gradients(sharing, monkeypatch):
+    """Every block stack (image, text, trunk, fusion, decoder, MIM's masked path) recomputes
+    in backward without changing a single gradient."""
+    images, ids, mask = batch()
+    keep = torch.arange(8).repeat(3, 1)
+    checkpointed_calls = []
+    original = torch.utils.checkpoint.checkpoint
+
+    def counting(function, *args, **kwargs):
+        checkpointed_calls.append(type(function).__name__)
+        return original(function, *args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
+
+    def gradients(checkpointing: bool) -> dict[str, torch.Tensor]:
+        model = backbone(sharing).train()
+        model.require("fusion")
+        model.set_grad_checkpointing(checkpointing)
+        model.require("decoder")  # built after the switch: must follow it
+        assert model.decoder.grad_checkpointing is checkpointing
+        tokens = model.encode_image(images)
+        text = model.encode_text(ids, mask)
+        loss = (
+            model.embed_image(images).sum()
+            + model.fuse(text, mask, tokens).pow(2).mean()
+            + model.decode(ids, tokens, text_mask=mask).logsumexp(-1).mean()
+            + model.encode_image(images, keep).pow(2).mean()
+        )
+        loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = gradients(False)
+    assert not checkpointed_calls
+    checkpointed = gradients(True)
+    assert {"Block", "DecoderBlock"} <= set(checkpointed_calls)  # text/trunk, fusion+decoder
+    if sharing == "separate":
+        assert "function" in checkpointed_calls  # timm's checkpoint_seq over the ViT blocks
+    assert plain.keys() == checkpointed.keys()
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, atol=1e-6, rtol=1e-5, msg=name)

@@ -56,6 +56,9 @@ def test_short_run_learns_above_chance(tmp_path, learning_shapes):
     assert len(losses) >= 5
     assert sum(losses[-3:]) / 3 < losses[0] - 0.5
     assert metrics["val/zeroshot/color_acc"] > 0.4
+    with open(tmp_path / "csv" / "metrics.csv") as f:
+        mfu = [float(r["train/mfu"]) for r in csv.DictReader(f) if r.get("train/mfu")]
+    assert mfu and all(0 < m < 1 for m in mfu)
     assert metrics["val/zeroshot/mean_acc"] > 0.3
     assert metrics["val/retrieval/t2i_r10"] > 10 / 256
     last = torch.load(
@@ -147,3 +150,33 @@ def test_multirun_sweep_writes_one_output_dir_per_point(tmp_path, shapes_dir):
     assert out.returncode == 0, out.stderr[-2000:]
     results = sorted(sweep_dir.glob("*/metrics.json"))
     assert [p.parent.name for p in results] == ["0", "1"]
+
+
+def test_temperature_is_clamped_once_per_optimizer_step(tmp_path, shapes_dir, monkeypatch):
+    """With gradient accumulation the clamp runs per optimizer step, not per batch."""
+    from polymodal.objectives.itc import ITCObjective
+
+    calls = []
+    clamp = ITCObjective.after_optimizer_step
+    monkeypatch.setattr(
+        ITCObjective, "after_optimizer_step", lambda self: calls.append(1) or clamp(self)
+    )
+    overrides = [
+        "logger=csv",
+        "~callbacks",
+        "trainer.max_steps=3",
+        "trainer.accumulate_grad_batches=2",
+        "trainer.val_check_interval=6",
+        "+trainer.limit_val_batches=1",
+        "data.batch_size=16",
+        "data.num_workers=0",
+    ]
+    metrics = train(compose_train(overrides, tmp_path, shapes_dir))
+    assert metrics["train/global_step"] == 3 and len(calls) == 3
+
+
+def test_bf16_mixed_fast_run(tmp_path, shapes_dir):
+    cfg = compose_train(["debug=fdr", "trainer.precision=bf16-mixed"], tmp_path, shapes_dir)
+    metrics = train(cfg)
+    assert metrics["train/global_step"] == 1
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())

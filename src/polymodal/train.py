@@ -19,6 +19,8 @@ from polymodal.utils.report import print_metrics, write_metrics
 from polymodal.utils.validate import check_types
 
 log = logging.getLogger(__name__)
+# what fit leaves on trainer.callback_metrics that the final report keeps
+RUN_FACTS = ("train/global_step", "data/skipped_samples", "dist/ranks_in_sync")
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
@@ -41,10 +43,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("validate_before_training"):
         trainer.validate(module, datamodule=datamodule, verbose=False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    fit_metrics = trainer.callback_metrics
+    facts = {k: float(fit_metrics[k]) for k in RUN_FACTS if k in fit_metrics}
+    if facts.get("dist/ranks_in_sync") == 0.0:
+        log.error("ranks ended fit with different weights: distributed training is broken")
     results = trainer.validate(module, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
-    metrics["train/global_step"] = float(trainer.global_step)
-    metrics["data/skipped_samples"] = float(module.skipped_samples)
+    metrics.update(facts)
     if rank_zero_only.rank == 0:
         write_metrics(metrics, cfg.paths.output_dir)
     return metrics

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from polymodal.evaluation.retrieval import retrieval_metrics
 from polymodal.evaluation.zeroshot import build_zeroshot_classifier, zeroshot_metrics
+from polymodal.utils.distributed import gather_objects, gather_variable, rank_and_world
 
 
 class EmbeddingEvaluator:
@@ -63,6 +64,16 @@ class EmbeddingEvaluator:
         self._image.append(image_emb.detach().float().cpu())
         self._text.append(text_emb.detach().float().cpu())
         self._meta.extend(meta)
+
+    def gather(self, device: torch.device | str = "cpu") -> None:
+        """Replace this rank's collected samples by every rank's, in rank order (DDP
+        validation gives each rank a share of the val set; metrics need all of it).
+        `device` is where the collective runs (CUDA tensors for NCCL)."""
+        if rank_and_world()[1] == 1:
+            return
+        image, text = (gather_variable(t.to(device)).cpu() for t in self.embeddings())
+        self._image, self._text = [image], [text]
+        self._meta = gather_objects(self._meta)
 
     def embeddings(self) -> tuple[Tensor, Tensor]:
         """All (image, text) embeddings collected since the last reset."""

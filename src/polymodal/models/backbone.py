@@ -84,6 +84,7 @@ class Backbone(nn.Module):
         trunk: dict | None = None,
         fusion: dict | None = None,
         decoder: dict | None = None,
+        grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if vocab_size is None:
@@ -98,6 +99,17 @@ class Backbone(nn.Module):
         self.component_cfg = {"fusion": fusion or {}, "decoder": decoder or {}}
         self.fusion: FusionEncoder | None = None
         self.decoder: CaptionDecoder | None = None
+        self.set_grad_checkpointing(grad_checkpointing)
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute every Transformer block's activations in backward (timm's convention:
+        each block stack has a `grad_checkpointing` flag); components built later follow."""
+        self.grad_checkpointing = enabled
+        for module in self.modules():
+            if hasattr(module, "set_grad_checkpointing") and module is not self:
+                module.set_grad_checkpointing(enabled)  # timm models
+            elif hasattr(module, "grad_checkpointing") and module is not self:
+                module.grad_checkpointing = enabled
 
     def require(self, component: str) -> None:
         """Build the fusion encoder or caption decoder (once) for an objective that uses it."""
@@ -116,6 +128,7 @@ class Backbone(nn.Module):
             )
         elif component not in ("fusion", "decoder"):
             raise ValueError(f"unknown backbone component {component!r}")
+        self.set_grad_checkpointing(self.grad_checkpointing)
 
     # -- unimodal encoders ---------------------------------------------------------------
     @property

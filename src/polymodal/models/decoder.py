@@ -16,6 +16,7 @@ from polymodal.models.transformer import (
     TextEmbedding,
     mlp,
     padding_attn_mask,
+    run_block,
 )
 
 
@@ -124,6 +125,7 @@ class CaptionDecoder(nn.Module):
             DecoderBlock(width, num_heads, mlp_ratio, memory_dim) for _ in range(depth)
         )
         self.norm = nn.LayerNorm(width)
+        self.grad_checkpointing = False
 
     def init_cache(self) -> KVCache:
         return KVCache(len(self.blocks))
@@ -158,5 +160,13 @@ class CaptionDecoder(nn.Module):
         attn_mask = None if text_mask is None else padding_attn_mask(text_mask, causal=True)
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache.layers[i]
-            x = block(x, memory, memory_mask=memory_mask, attn_mask=attn_mask, cache=layer_cache)
+            x = run_block(
+                block,
+                self.grad_checkpointing and cache is None,
+                x,
+                memory,
+                memory_mask=memory_mask,
+                attn_mask=attn_mask,
+                cache=layer_cache,
+            )
         return F.linear(self.norm(x), self.embed.token.weight)

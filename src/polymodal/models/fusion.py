@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from polymodal.models.decoder import DecoderBlock
-from polymodal.models.transformer import padding_attn_mask
+from polymodal.models.transformer import padding_attn_mask, run_block
 
 
 class FusionEncoder(nn.Module):
@@ -25,10 +25,11 @@ class FusionEncoder(nn.Module):
             DecoderBlock(width, num_heads, mlp_ratio, memory_dim) for _ in range(depth)
         )
         self.norm = nn.LayerNorm(width)
+        self.grad_checkpointing = False
 
     def forward(self, text_tokens: Tensor, text_mask: Tensor, image_tokens: Tensor) -> Tensor:
         attn_mask = padding_attn_mask(text_mask, causal=False)
         x = text_tokens
         for block in self.blocks:
-            x = block(x, image_tokens, attn_mask=attn_mask)
+            x = run_block(block, self.grad_checkpointing, x, image_tokens, attn_mask=attn_mask)
         return self.norm(x)

@@ -12,6 +12,7 @@ import math
 import timm
 import torch
 from timm.layers import PatchEmbed
+from timm.models import checkpoint_seq
 from torch import Tensor, nn
 
 
@@ -83,6 +84,8 @@ class TimmImageTower(nn.Module):
         m = self.model
         x = m._pos_embed(m.patch_embed(images))
         x = m.norm_pre(keep_patches(x, keep, self.num_prefix_tokens))
+        if getattr(m, "grad_checkpointing", False) and torch.is_grad_enabled():
+            return m.norm(checkpoint_seq(m.blocks, x))
         return m.norm(m.blocks(x))
 
     def pool(self, tokens: Tensor) -> Tensor:

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from polymodal.models.transformer import Block, TextEmbedding, padding_attn_mask, pool_text
+from polymodal.models.transformer import (
+    Block,
+    TextEmbedding,
+    padding_attn_mask,
+    pool_text,
+    run_block,
+)
 
 
 class TextTransformer(nn.Module):
@@ -33,6 +39,7 @@ class TextTransformer(nn.Module):
         self.causal = causal
         self.pool_type = pool
         self.width = width
+        self.grad_checkpointing = False
         self.embed = TextEmbedding(vocab_size, context_length, width)
         self.blocks = nn.ModuleList(
             Block(width, num_heads, mlp_ratio, dropout) for _ in range(depth)
@@ -44,7 +51,7 @@ class TextTransformer(nn.Module):
         x = self.embed(ids)
         attn_mask = padding_attn_mask(mask, self.causal)
         for block in self.blocks:
-            x = block(x, attn_mask=attn_mask)
+            x = run_block(block, self.grad_checkpointing, x, attn_mask=attn_mask)
         return self.norm(x)
 
     def pool(self, tokens: Tensor, mask: Tensor) -> Tensor:

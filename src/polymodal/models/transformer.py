@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 
@@ -69,6 +70,14 @@ class SelfAttention(nn.Module):
             is_causal=causal and attn_mask is None and past == 0,
         )
         return self.proj(out.transpose(1, 2).reshape(batch, length, dim))
+
+
+def run_block(block: nn.Module, checkpointing: bool, *args, **kwargs) -> Tensor:
+    """`block(*args, **kwargs)`; with `checkpointing` (and autograd on) its activations are
+    recomputed in the backward pass instead of stored: less memory for ~1/3 more compute."""
+    if checkpointing and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False, **kwargs)
+    return block(*args, **kwargs)
 
 
 def mlp(dim: int, mlp_ratio: float) -> nn.Sequential:

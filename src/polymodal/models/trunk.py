@@ -13,7 +13,13 @@ from timm.layers import PatchEmbed
 from torch import Tensor, nn
 
 from polymodal.models.image import ConvStemPatchEmbed, keep_patches
-from polymodal.models.transformer import Block, TextEmbedding, padding_attn_mask, pool_text
+from polymodal.models.transformer import (
+    Block,
+    TextEmbedding,
+    padding_attn_mask,
+    pool_text,
+    run_block,
+)
 
 
 class SharedTrunk(nn.Module):
@@ -57,6 +63,7 @@ class SharedTrunk(nn.Module):
         self.norms = nn.ModuleDict({"image": nn.LayerNorm(width), "text": nn.LayerNorm(width)})
         self.width = width
         self.causal, self.pool_type = causal, pool
+        self.grad_checkpointing = False
 
     def no_weight_decay(self) -> set[str]:
         return {"cls_token", "image_pos"}
@@ -67,14 +74,16 @@ class SharedTrunk(nn.Module):
         if keep is not None:
             x = keep_patches(x, keep, self.num_prefix_tokens)
         for block in self.blocks:
-            x = block(x, expert=self.experts["image"])
+            x = run_block(block, self.grad_checkpointing, x, expert=self.experts["image"])
         return self.norms["image"](x)
 
     def encode_text(self, ids: Tensor, mask: Tensor) -> Tensor:
         x = self.text_embed(ids)
         attn_mask = padding_attn_mask(mask, self.causal)
         for block in self.blocks:
-            x = block(x, attn_mask=attn_mask, expert=self.experts["text"])
+            x = run_block(
+                block, self.grad_checkpointing, x, attn_mask=attn_mask, expert=self.experts["text"]
+            )
         return self.norms["text"](x)
 
     def pool_image(self, tokens: Tensor) -> Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 
 from polymodal.models.backbone import Backbone
@@ -50,6 +51,11 @@ class EncodingCache:
             return self.backbone.project(pooled, "text")
 
         return self.get("text_embedding", compute)
+
+
+def at_least_float32(x: Tensor) -> Tensor:
+    """`x` in float32 (or kept in float64): losses on autocast outputs need the precision."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 @dataclass

@@ -8,20 +8,48 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from polymodal.objectives.base import EncodingCache, Objective, ObjectiveOutput
+from polymodal.objectives.base import (
+    EncodingCache,
+    Objective,
+    ObjectiveOutput,
+    at_least_float32,
+)
+from polymodal.utils.distributed import neighbour_exchange, rank_and_world
+
+
+def _pair_loss(image_emb, text_emb, logit_scale, logit_bias, positives: bool) -> Tensor:
+    """-sum log sigmoid(z * logits) over a block of pairs; z = +1 on the diagonal only
+    when the block pairs the same samples (`positives`), else -1 everywhere."""
+    logits = logit_scale * image_emb @ text_emb.T + logit_bias
+    labels = -torch.ones_like(logits)
+    if positives:
+        labels = labels + 2 * torch.eye(logits.shape[0], device=logits.device)
+    return -F.logsigmoid(labels * logits).sum()
 
 
 def siglip_loss(
-    image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, logit_bias: Tensor
+    image_emb: Tensor,
+    text_emb: Tensor,
+    logit_scale: Tensor,
+    logit_bias: Tensor,
+    distributed: bool = False,
 ) -> Tensor:
     """-sum_ij log sigmoid(z_ij * (s * <f_i, g_j> + b)) / B for L2-normalised embeddings.
 
     z_ij is +1 for matching pairs (the diagonal) and -1 otherwise. Dividing the sum over the
-    B x B matrix by B (not B^2) follows open_clip's `SigLipLoss`.
+    B x B matrix by B (not B^2) follows open_clip's `SigLipLoss`. With `distributed`, the
+    text features travel around the ring of ranks (W - 1 neighbour exchanges, no full
+    gather) so each rank scores its images against every text; the mean over ranks equals
+    the loss of the global batch. Computed in float32 even under autocast.
     """
-    logits = logit_scale * image_emb @ text_emb.T + logit_bias
-    labels = 2 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1
-    return -F.logsigmoid(labels * logits).sum() / logits.shape[0]
+    world = rank_and_world()[1] if distributed else 1
+    with torch.autocast(image_emb.device.type, enabled=False):
+        image_emb, text_emb = at_least_float32(image_emb), at_least_float32(text_emb)
+        loss = _pair_loss(image_emb, text_emb, logit_scale, logit_bias, positives=True)
+        for _ in range(world - 1):
+            text_emb = neighbour_exchange(text_emb)
+            loss = loss + _pair_loss(image_emb, text_emb, logit_scale, logit_bias, False)
+        return loss / image_emb.shape[0]
 
 
 class SigLIPObjective(Objective):
@@ -30,7 +58,8 @@ class SigLIPObjective(Objective):
     The log-scale starts at ln(10) and the bias at -10 (SigLIP's init: with B - 1 negatives
     per positive, a strongly negative bias keeps the initial loss from being dominated by the
     negatives). The log-scale is clamped to [0, ln(max_logit_scale)] after every optimizer
-    step, as in ITCObjective and open_clip.
+    step, as in ITCObjective and open_clip. Training exchanges texts with the other ranks;
+    validation scores each rank's batch on its own.
     """
 
     def __init__(
@@ -40,13 +69,20 @@ class SigLIPObjective(Objective):
         max_logit_scale: float = 100.0,
     ):
         super().__init__()
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(init_logit_scale)))
-        self.logit_bias = nn.Parameter(torch.tensor(init_logit_bias))
+        # shape [1], not a 0-d scalar: FSDP cannot shard scalar parameters
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(init_logit_scale)))
+        self.logit_bias = nn.Parameter(torch.full((1,), init_logit_bias))
         self.max_log_scale = math.log(max_logit_scale)
 
     def forward(self, cache: EncodingCache) -> ObjectiveOutput:
         scale = self.logit_scale.exp()
-        loss = siglip_loss(cache.image_embedding(), cache.text_embedding(), scale, self.logit_bias)
+        loss = siglip_loss(
+            cache.image_embedding(),
+            cache.text_embedding(),
+            scale,
+            self.logit_bias,
+            distributed=self.training,
+        )
         logs = {"logit_scale": scale.detach(), "logit_bias": self.logit_bias.detach()}
         return ObjectiveOutput(loss=loss, logs=logs)
 

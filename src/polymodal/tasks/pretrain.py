@@ -14,8 +14,12 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import get_object, instantiate
+from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
+from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from polymodal.evaluation.captioning import attribute_match_rate, caption_scores
 from polymodal.evaluation.evaluator import EmbeddingEvaluator
@@ -23,6 +27,13 @@ from polymodal.evaluation.retrieval import reranked_recall_at_1
 from polymodal.models.backbone import Backbone
 from polymodal.objectives.base import EncodingCache, Objective
 from polymodal.tasks.optim import param_groups, warmup_cosine
+from polymodal.utils.distributed import (
+    full_params,
+    gather_objects,
+    gather_variable,
+    rank_and_world,
+    ranks_agree_on_weights,
+)
 from polymodal.utils.errors import ConfigError
 
 
@@ -42,11 +53,30 @@ OBJECTIVES = {
 }
 
 
-def build_objectives(specs: Mapping, backbone: Backbone) -> tuple[nn.ModuleDict, dict[str, float]]:
+# where `task.optimizer.fused=null` picks the fused AdamW kernel: measured 4x faster than
+# the for-each one on this CPU (1.1 vs 4.1 ms per step for the default model)
+FUSED_OPTIMIZER_DEVICES = ("cuda", "cpu")
+
+
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# torch counts the FLOPs of the CUDA attention kernels but not of the CPU one
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops
+}
+
+
+def build_objectives(
+    specs: Mapping, backbone: Backbone, shared: Mapping | None = None
+) -> tuple[nn.ModuleDict, dict[str, float]]:
     """`{name: {weight: w, [_target_: ...], **kwargs}}` -> modules and weights (w != 0 only).
 
     Objectives whose constructor takes `backbone` get it (to size heads and to build the
-    fusion encoder or decoder they need).
+    fusion encoder or decoder they need). `shared` (`task.loss`: local_loss,
+    gather_with_grad, ...) goes to every objective whose constructor takes that argument,
+    unless its own spec sets it.
     """
     modules, weights = nn.ModuleDict(), {}
     for name, spec in specs.items():
@@ -64,8 +94,12 @@ def build_objectives(specs: Mapping, backbone: Backbone) -> tuple[nn.ModuleDict,
                 )
             spec["_target_"] = OBJECTIVES[name]
         target = get_object(spec["_target_"])
-        if "backbone" in inspect.signature(target).parameters:
+        accepted = inspect.signature(target).parameters
+        if "backbone" in accepted:
             spec["backbone"] = backbone
+        for key, value in (shared or {}).items():
+            if key in accepted:
+                spec.setdefault(key, value)
         objective = instantiate(spec)
         if not isinstance(objective, Objective):
             raise ConfigError(f"task.objectives.{name}: {type(objective).__name__} is no Objective")
@@ -83,11 +117,12 @@ class PretrainModule(L.LightningModule):
         optimizer: Mapping,
         scheduler: Mapping,
         evaluation: Mapping | None = None,
+        loss: Mapping | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
         self.backbone = backbone
-        self.objectives, self.weights = build_objectives(_plain(objectives), backbone)
+        self.objectives, self.weights = build_objectives(_plain(objectives), backbone, _plain(loss))
         self.optimizer_cfg = _plain(optimizer)
         self.scheduler_cfg = _plain(scheduler)
         evaluation = dict(_plain(evaluation) or {})
@@ -132,13 +167,56 @@ class PretrainModule(L.LightningModule):
         size = batch["image"].shape[0]
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=size)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size)
-        self.log("data/skipped_samples", float(self.skipped_samples), batch_size=size)
+        # summed over ranks: the whole run's count of bad samples skipped so far
+        self.log(
+            "data/skipped_samples",
+            float(self.skipped_samples),
+            batch_size=size,
+            sync_dist=True,
+            reduce_fx="sum",
+        )
         return loss
+
+    @torch.no_grad()
+    def flops_per_sample(self, batch: dict) -> float:
+        """Training FLOPs per sample: the forward FLOPs of every objective on `batch`
+        (torch's FlopCounterMode; the random state is left untouched) times 3, since the
+        backward pass costs about twice the forward."""
+        cuda = [self.device.index] if self.device.type == "cuda" else []
+        with (
+            torch.random.fork_rng(devices=cuda),
+            full_params(self.trainer.model),
+            FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter,
+        ):
+            self.step_losses(EncodingCache(self.backbone, batch))
+        return 3 * counter.get_total_flops() / batch["image"].shape[0]
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         for objective in self.objectives.values():
             objective.after_optimizer_step()
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        """Under FSDP the norm is clipped by the wrapper, the only one that sees every shard
+        (Lightning's own clipping refuses FSDP)."""
+        model = self.trainer.model
+        if gradient_clip_val and isinstance(model, FullyShardedDataParallel):
+            if gradient_clip_algorithm not in (None, "norm"):
+                raise ConfigError("trainer.gradient_clip_algorithm: FSDP clips by norm only")
+            model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def on_train_end(self) -> None:
+        """Facts the app reports after fit. Put on callback_metrics because that is all a
+        ddp_spawn run sends back to the launching process."""
+        facts = {"train/global_step": float(self.global_step)}
+        if isinstance(self.trainer.strategy, DDPStrategy):
+            facts["dist/ranks_in_sync"] = float(ranks_agree_on_weights(self))
+        for key, value in facts.items():
+            self.trainer.callback_metrics[key] = torch.tensor(value)
 
     def on_validation_epoch_start(self) -> None:
         self.evaluator.reset()
@@ -152,11 +230,12 @@ class PretrainModule(L.LightningModule):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(batch_idx)
             loss, logs = self.step_losses(cache)
-            self.log("val/loss", loss, batch_size=size)
-            self.log_dict({f"val/{k}": v for k, v in logs.items()}, batch_size=size)
+            self.log("val/loss", loss, batch_size=size, sync_dist=True)
+            logs = {f"val/{k}": v for k, v in logs.items()}
+            self.log_dict(logs, batch_size=size, sync_dist=True)
             for name, objective in self.objectives.items():
                 for key, (value, count) in objective.validation_metrics(cache).items():
-                    self.log(f"val/{name}/{key}", value, batch_size=count)
+                    self.log(f"val/{name}/{key}", value, batch_size=count, sync_dist=True)
         self.evaluator.update(cache.image_embedding(), cache.text_embedding(), batch["meta"])
         if "itm" in self.objectives and self.itm_rerank_k > 0:
             tokens = (cache.image_tokens(), cache.text_tokens(), batch["text_mask"])
@@ -170,14 +249,26 @@ class PretrainModule(L.LightningModule):
         return self.backbone.embed_text(ids.to(self.device), mask.to(self.device))
 
     def on_validation_epoch_end(self) -> None:
-        metrics = self.evaluator.compute(self.encode_prompts)
+        # each rank validated its share of the val set: score the whole set on every rank
+        self.evaluator.gather(self.device)
+        self._captions = gather_objects(self._captions)
+        self._val_tokens = self.gathered_val_tokens()
+        with full_params(self.trainer.model):  # the text tower runs outside a step here
+            metrics = self.evaluator.compute(self.encode_prompts)
+            if self._val_tokens:
+                metrics.update(self.itm_rerank_metrics())
         if self._captions:
             metrics.update(self.caption_metrics())
             self.log_caption_samples()
-        if self._val_tokens:
-            metrics.update(self.itm_rerank_metrics())
-        self.log_dict({f"val/{k}": v for k, v in metrics.items()})
+        # identical on every rank; sync_dist only tells Lightning so (no extra meaning)
+        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=True)
         self.evaluator.reset()
+
+    def gathered_val_tokens(self) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Every rank's (image tokens, text tokens, text mask) for ITM re-ranking."""
+        if rank_and_world()[1] == 1 or not self._val_tokens:
+            return self._val_tokens
+        return [tuple(gather_variable(torch.cat(t)) for t in zip(*self._val_tokens, strict=True))]
 
     def caption_metrics(self) -> dict[str, float]:
         """BLEU-4 / CIDEr of generated captions against the val captions, and how often
@@ -249,6 +340,10 @@ class PretrainModule(L.LightningModule):
     def configure_optimizers(self):
         cfg = dict(self.optimizer_cfg)
         weight_decay = cfg.pop("weight_decay", 0.0)
+        if "fused" in cfg and cfg["fused"] is None:
+            # Lightning's AMP plugin refuses to clip the gradients of a fused optimizer
+            amp = isinstance(self.trainer.precision_plugin, MixedPrecision)
+            cfg["fused"] = self.device.type in FUSED_OPTIMIZER_DEVICES and not amp
         optimizer = instantiate(cfg)(param_groups(self, weight_decay))
         total = self.trainer.estimated_stepping_batches if self.trainer else 0
         scheduler = warmup_cosine(
