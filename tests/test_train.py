@@ -180,3 +180,42 @@ def test_bf16_mixed_fast_run(tmp_path, shapes_dir):
     metrics = train(cfg)
     assert metrics["train/global_step"] == 1
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+
+
+def logged_steps(csv_path: Path) -> list[int]:
+    with open(csv_path) as f:
+        return [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+def test_rerun_in_the_same_output_dir_resumes_from_last_ckpt(tmp_path, shapes_dir):
+    """auto_resume: the second run continues at step 4 and the CSV history keeps growing."""
+    base = [
+        "logger=csv",
+        "callbacks=default",
+        "~callbacks.rich_progress_bar",
+        "callbacks.last_checkpoint.every_n_train_steps=2",
+        "trainer.val_check_interval=100",
+        "+trainer.limit_val_batches=1",
+        "trainer.log_every_n_steps=1",
+        "data.batch_size=16",
+        "data.num_workers=0",
+    ]
+    first = train(compose_train([*base, "trainer.max_steps=4"], tmp_path, shapes_dir))
+    assert first["train/global_step"] == 4
+    second = train(compose_train([*base, "trainer.max_steps=7"], tmp_path, shapes_dir))
+    assert second["train/global_step"] == 7
+    assert logged_steps(tmp_path / "csv" / "metrics.csv") == list(range(7))
+    fresh = compose_train([*base, "trainer.max_steps=2", "auto_resume=false"], tmp_path, shapes_dir)
+    assert train(fresh)["train/global_step"] == 2  # auto_resume=false starts over
+
+
+def test_wandb_run_id_follows_the_output_dir(tmp_path):
+    from omegaconf import OmegaConf
+
+    from polymodal.utils.instantiate import wandb_spec
+
+    def run_id(directory: Path) -> str:
+        return wandb_spec(OmegaConf.create({"save_dir": str(directory)})).id
+
+    assert run_id(tmp_path / "a") == run_id(tmp_path / "a")
+    assert run_id(tmp_path / "a") != run_id(tmp_path / "b")

@@ -20,7 +20,12 @@ from polymodal.utils.validate import check_types
 
 log = logging.getLogger(__name__)
 # what fit leaves on trainer.callback_metrics that the final report keeps
-RUN_FACTS = ("train/global_step", "data/skipped_samples", "dist/ranks_in_sync")
+RUN_FACTS = (
+    "train/global_step",
+    "data/skipped_samples",
+    "dist/ranks_same_step",
+    "dist/ranks_in_sync",
+)
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
@@ -42,7 +47,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     if cfg.get("validate_before_training"):
         trainer.validate(module, datamodule=datamodule, verbose=False)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from(cfg))
     fit_metrics = trainer.callback_metrics
     facts = {k: float(fit_metrics[k]) for k in RUN_FACTS if k in fit_metrics}
     if facts.get("dist/ranks_in_sync") == 0.0:
@@ -55,6 +60,28 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def finish_wandb() -> None:
+    """End the wandb run (so the runs of a multirun never merge into one) without
+    replacing the exception that may be ending this one: when SLURM requeues a job its
+    SIGTERM can stop wandb's service first, and finishing then fails."""
+    try:
+        wandb.finish()
+    except (ConnectionError, OSError) as err:
+        log.warning("wandb.finish failed: %s", err)
+
+
+def resume_from(cfg: DictConfig) -> str | None:
+    """`ckpt_path`, else (with `auto_resume`) the run's own last.ckpt if it exists: a
+    requeued job, or a rerun of the same command into the same output directory."""
+    if cfg.get("ckpt_path"):
+        return cfg.ckpt_path
+    last = Path(cfg.paths.checkpoint_dir) / "last.ckpt"
+    if cfg.get("auto_resume") and last.is_file():
+        log.info("resuming from %s", last)
+        return str(last)
+    return None
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
@@ -63,7 +90,7 @@ def main(cfg: DictConfig) -> float | None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     finally:
-        wandb.finish()  # so the runs of a multirun never merge into one
+        finish_wandb()
     if rank_zero_only.rank == 0:
         print_metrics(metrics, cfg.paths.output_dir)  # last, after wandb's own summary
     metric = cfg.get("optimized_metric")

@@ -32,7 +32,8 @@ from polymodal.utils.distributed import (
     gather_objects,
     gather_variable,
     rank_and_world,
-    ranks_agree_on_weights,
+    ranks_agree,
+    weights_digest,
 )
 from polymodal.utils.errors import ConfigError
 
@@ -120,12 +121,15 @@ class PretrainModule(L.LightningModule):
         loss: Mapping | None = None,
     ) -> None:
         super().__init__()
+        objectives, optimizer, scheduler = _plain(objectives), _plain(optimizer), _plain(scheduler)
+        evaluation, loss = _plain(evaluation), _plain(loss)
+        # plain containers (no DictConfig), so checkpoints load with torch's weights_only
         self.save_hyperparameters(ignore=["backbone"])
         self.backbone = backbone
-        self.objectives, self.weights = build_objectives(_plain(objectives), backbone, _plain(loss))
-        self.optimizer_cfg = _plain(optimizer)
-        self.scheduler_cfg = _plain(scheduler)
-        evaluation = dict(_plain(evaluation) or {})
+        self.objectives, self.weights = build_objectives(objectives, backbone, loss)
+        self.optimizer_cfg = optimizer
+        self.scheduler_cfg = scheduler
+        evaluation = dict(evaluation or {})
         self.caption_batches = int(evaluation.pop("caption_batches", 2))
         self.itm_rerank_k = int(evaluation.pop("itm_rerank_k", 16))
         self.generation_cfg = dict(evaluation.pop("generation", {}) or {})
@@ -213,8 +217,10 @@ class PretrainModule(L.LightningModule):
         """Facts the app reports after fit. Put on callback_metrics because that is all a
         ddp_spawn run sends back to the launching process."""
         facts = {"train/global_step": float(self.global_step)}
+        if self.trainer.world_size > 1:
+            facts["dist/ranks_same_step"] = float(ranks_agree(self.global_step))
         if isinstance(self.trainer.strategy, DDPStrategy):
-            facts["dist/ranks_in_sync"] = float(ranks_agree_on_weights(self))
+            facts["dist/ranks_in_sync"] = float(ranks_agree(weights_digest(self)))
         for key, value in facts.items():
             self.trainer.callback_metrics[key] = torch.tensor(value)
 

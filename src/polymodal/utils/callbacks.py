@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
 import time
 from collections.abc import Mapping
+from pathlib import Path
 
 import lightning as L
+import torch
+import wandb
+
+log = logging.getLogger(__name__)
 
 
 class Throughput(L.Callback):
@@ -46,3 +54,58 @@ class Throughput(L.Callback):
         if self.flops_per_sample and peak:
             pl_module.log("train/mfu", per_device * self.flops_per_sample / peak)
         self._start, self._samples, self._steps = time.perf_counter(), 0, 0
+
+
+class Preemption(L.Callback):
+    """Saves `<dirpath>/last.ckpt` when SLURM warns that the job will be stopped (SIGUSR2:
+    submitit's `--signal=USR2@<delay>` before the time limit, or a preemption), then hands
+    over to the handler that was there before (submitit's: rank 0 requeues the job and
+    exits). Without one, fit just ends early and a rerun resumes (`auto_resume`).
+
+    The signal only sets a flag: at the end of each training batch the ranks agree on it
+    (a max all-reduce, so every rank stops after the same step) and fit stops there; the
+    checkpoint is written when training ends, after that step's metrics were logged, and
+    the loggers are closed before the requeue. Active only inside a SLURM job.
+    """
+
+    def __init__(self, dirpath: str, filename: str = "last", signal_name: str = "SIGUSR2"):
+        self.path = Path(dirpath) / f"{filename}.ckpt"
+        self.signum = signal.Signals[signal_name]
+        self.requested = False
+        self.stopped = False
+        self._installed = False
+        self._previous = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit" and "SLURM_JOB_ID" in os.environ:
+            self._previous = signal.signal(self.signum, self._on_signal)
+            self._installed = True
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._installed:
+            signal.signal(self.signum, self._previous)
+            self._installed = False
+
+    def _on_signal(self, signum, frame) -> None:
+        log.warning("received %s: stopping after this step", self.signum.name)
+        self.requested = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self._installed or self.stopped:
+            return
+        flag = torch.tensor(float(self.requested), device=pl_module.device)
+        if trainer.strategy.reduce(flag, reduce_op="max").item() > 0:
+            self.stopped = trainer.should_stop = True
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if not self.stopped:
+            return
+        trainer.save_checkpoint(self.path)
+        log.warning("saved %s at step %d", self.path, trainer.global_step)
+        # close the loggers while their helper processes still run: the requeue that
+        # follows sends SIGTERM to every process of the job (wandb's service included)
+        for logger in trainer.loggers:
+            logger.finalize("preempted")
+        wandb.finish()
+        if callable(self._previous):
+            self._previous(self.signum, None)  # submitit: requeue (rank 0) and exit

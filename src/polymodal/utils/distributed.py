@@ -134,9 +134,9 @@ def weights_digest(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def ranks_agree_on_weights(module: nn.Module) -> bool:
-    """True when every rank's `weights_digest` is the same (always true in one process)."""
-    return len(set(gather_objects([weights_digest(module)]))) == 1
+def ranks_agree(value: object) -> bool:
+    """True when every rank passes an equal (hashable) value; always true in one process."""
+    return len(set(gather_objects([value]))) == 1
 
 
 def transformer_block_classes() -> set[type[nn.Module]]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+from pathlib import Path
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -27,7 +29,16 @@ def instantiate_group(group: DictConfig | None, field: str) -> list:
 
 def wandb_spec(spec: DictConfig) -> DictConfig:
     """Let WANDB_MODE from the environment win over `offline` (Lightning's `offline=True`
-    would otherwise overwrite the variable, e.g. turning `disabled` into offline files)."""
+    would otherwise overwrite the variable, e.g. turning `disabled` into offline files),
+    and derive the run id from the output directory when none is set, so a requeued or
+    resumed run continues the same wandb run (Lightning passes resume="allow")."""
     if os.environ.get("WANDB_MODE"):
         spec = OmegaConf.merge(spec, {"offline": False})
+    if not spec.get("id"):
+        spec = OmegaConf.merge(spec, {"id": run_id(spec.save_dir)})
     return spec
+
+
+def run_id(output_dir: str) -> str:
+    """A wandb run id that is the same for every attempt writing to `output_dir`."""
+    return hashlib.sha1(str(Path(output_dir).resolve()).encode()).hexdigest()[:16]
