@@ -58,7 +58,6 @@ def submit(slurm: SlurmCluster, *overrides: str, cwd: Path, env: dict | None = N
         "data.prepare=null",
         "data.batch_size=16",
         "data.val_batch_size=64",
-        "data.num_workers=0",
         *overrides,
     ]
     environment = {**slurm.env, "OMP_NUM_THREADS": "1", **(env or {})}
@@ -89,6 +88,7 @@ def test_sweep_submits_one_ddp_job_per_point(slurm, tmp_path, shapes_dir):
         slurm,
         "trainer=ddp",
         "trainer.devices=2",
+        "data.num_workers=0",
         "trainer.num_nodes=1",
         "+trainer.strategy.process_group_backend=gloo",
         "trainer.max_steps=6",
@@ -129,6 +129,7 @@ def test_preempted_job_requeues_and_resumes_where_it_stopped(slurm, tmp_path, sh
         "logger=many",
         "callbacks.last_checkpoint.every_n_train_steps=1000",
         "~callbacks.rich_progress_bar",
+        "data.num_workers=1",  # the signal reaches the loader worker too: it must survive
         f"paths.shapes_dir={shapes_dir}",
         f"hydra.sweep.dir={sweep}",
         cwd=tmp_path,

@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import random
+import signal
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -79,6 +80,16 @@ def shard_sizes(urls: Sequence[str], field: str) -> list[int]:
 def split_range(total: int, parts: int, index: int) -> tuple[int, int]:
     """[start, stop) of part `index` when `total` items are cut into `parts` near-equal runs."""
     return total * index // parts, total * (index + 1) // parts
+
+
+def ignore_job_signals(worker_id: int) -> None:
+    """Loader workers ignore SIGUSR1, SIGUSR2 and SIGTERM. SLURM delivers a job's warning
+    signal, and a requeue's SIGTERM, to every process of the step; a worker killed by
+    them takes the run down with an error before it can stop cleanly (see
+    utils.callbacks.Preemption). Workers still end with the training process: torch's
+    watchdog stops them when it exits, and SIGKILL always works."""
+    for signum in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class SampleDecoder:
@@ -398,6 +409,7 @@ class WebDataModule(L.LightningDataModule):
             num_workers=workers,
             persistent_workers=workers > 0,
             multiprocessing_context=self.worker_start_method if workers > 0 else None,
+            worker_init_fn=ignore_job_signals,
         )
         # a safety net: the dataset already yields exactly `batches` per epoch
         return loader.with_epoch(batches) if train else loader
