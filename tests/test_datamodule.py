@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import tarfile
 from pathlib import Path
 
@@ -190,3 +191,91 @@ def test_epoch_length_from_sizes_json(shapes_dir):
     assert sum(1 for _ in dm.train_dataloader()) == 10
     with pytest.raises(ConfigError, match="data.tokenizer"):
         WebDataModule(str(shapes_dir / "train" / "*.tar"), None, str(shapes_dir / "x.json")).setup()
+
+
+def copy_shard(src: Path, dst: Path, drop: str | None = None, rename=None) -> list[str]:
+    """Copy a tar shard, leaving out members ending in `drop` and renaming with `rename`."""
+    keys = []
+    with tarfile.open(src) as tin, tarfile.open(dst, "w") as tout:
+        for member in tin.getmembers():
+            data = tin.extractfile(member).read()
+            if drop and member.name.endswith(drop):
+                continue
+            name = rename(member.name) if rename else member.name
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tout.addfile(info, io.BytesIO(data))
+            keys.append(name)
+    return keys
+
+
+def test_bad_shards_are_skipped_and_counted_while_training_reads_the_rest(
+    shapes_dir, tmp_path, caplog
+):
+    """A corrupt member, a sample missing its caption, a truncated tar and an empty shard."""
+    val = sorted((shapes_dir / "val").glob("*.tar"))[0]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    copy_shard(val, bad / "good-0.tar")
+    write_shard_with_corrupt_sample(val, bad / "corrupt-0.tar")
+    with tarfile.open(val) as tin, tarfile.open(bad / "nocaption-0.tar", "w") as tout:
+        for member in tin.getmembers():
+            if member.name.startswith("val_00000005.") and member.name.endswith(".txt"):
+                continue
+            tout.addfile(member, tin.extractfile(member))
+    whole = (bad / "good-0.tar").read_bytes()
+    (bad / "truncated-0.tar").write_bytes(whole[: len(whole) // 2 + 100])
+    with tarfile.open(bad / "empty-0.tar", "w"):
+        pass
+    names = ["good-0.tar", "corrupt-0.tar", "nocaption-0.tar", "truncated-0.tar", "empty-0.tar"]
+    (bad / "sizes.json").write_text(json.dumps({n: 0 if "empty" in n else 128 for n in names}))
+    data = WebDataModule(
+        str(bad / "*.tar"), None, str(shapes_dir / "tokenizer.json"), batch_size=32, num_workers=0
+    )
+    data.setup("fit")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="polymodal.data.datamodule"):
+        batches = list(data.train_dataloader())
+    assert len(batches) == 4 * 128 // 32  # every rank step still happens
+    skips = [r.getMessage() for r in caplog.records if "skipping bad sample" in r.getMessage()]
+    assert sum(b["skipped"] for b in batches) == len(skips) == 4
+    joined = "\n".join(skips)
+    assert "corrupt-0.tar:val_00000003: cannot decode" in joined
+    assert "nocaption-0.tar:val_00000005: no text member" in joined
+    # the truncated tar: its read error, and the sample it cut in half
+    assert sum("truncated-0.tar" in message for message in skips) == 2
+
+
+def test_no_usable_sample_is_one_clear_error_before_training(shapes_dir, tmp_path):
+    src = sorted((shapes_dir / "val").glob("*.tar"))[0]
+    copy_shard(src, tmp_path / "nocaptions-0.tar", drop=".txt")
+    (tmp_path / "sizes.json").write_text(json.dumps({"nocaptions-0.tar": 128}))
+    data = WebDataModule(str(tmp_path / "*.tar"), None, str(shapes_dir / "tokenizer.json"))
+    with pytest.raises(
+        ConfigError,
+        match=r"data.train_shards: no usable sample in 1 shard\(s\) \(first problem: .*no text",
+    ):
+        data.setup("fit")
+
+
+def test_dotted_keys_and_img2dataset_stats(shapes_dir, tmp_path):
+    """Keys with dots read whole when the member ends in a known extension; sample counts
+    come from img2dataset's <shard>_stats.json when there is no sizes.json."""
+    src = sorted((shapes_dir / "val").glob("*.tar"))[0]
+    names = copy_shard(
+        src, tmp_path / "00000.tar", rename=lambda n: "img." + n.replace("png", "jpeg")
+    )
+    (tmp_path / "00000_stats.json").write_text(
+        json.dumps({"successes": 128, "failed_to_download": 3})
+    )
+    data = WebDataModule(
+        str(tmp_path / "*.tar"),
+        None,
+        str(shapes_dir / "tokenizer.json"),
+        batch_size=32,
+        image_keys=["jpeg"],
+    )
+    data.setup("fit")
+    keys = [k for b in data.train_dataloader() for k in b["key"]]
+    assert len(set(keys)) == 128 and all(k.startswith("img.val_") for k in keys)
+    assert names[0].startswith("img.val_")

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import time
+from pathlib import Path
 
+from polymodal.data import build, check
+from polymodal.data.datamodule import expand_shards
 from polymodal.data.shapes import ensure_shapes, write_shapes
+from polymodal.utils.errors import ConfigError
 
 
 def _add_shapes_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -52,12 +58,122 @@ def _run_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_build_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "build", help="webdataset shards from a caption table or COCO/Flickr caption JSON"
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", type=Path, help="CSV, TSV, JSONL or parquet caption table")
+    source.add_argument("--coco", type=Path, help="COCO captions or Karpathy-split JSON")
+    source.add_argument("--audio-root", type=Path, help="audio clips (wav/flac); use --captions")
+    parser.add_argument("--captions", type=Path, help="caption table of --audio-root clips")
+    parser.add_argument("--audio-column", default="audio", help="table column of clip paths")
+    parser.add_argument("--image-root", type=Path, default=Path("."), help="image paths base")
+    parser.add_argument("--image-column", default="image", help="table column of image paths")
+    parser.add_argument("--caption-column", default="caption", help="table column of captions")
+    parser.add_argument("--key-column", default=None, help="table column of keys (else row no.)")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--prefix", default="shard", help="shard names: PREFIX-000000.tar")
+    parser.add_argument("--shard-size", type=int, default=10_000, help="input rows per shard")
+    parser.add_argument("--image-size", type=int, default=256, help="shorter side (0 = keep)")
+    parser.add_argument("--format", choices=sorted(build.IMAGE_FORMATS), default="jpg")
+    parser.add_argument("--max-pixels", type=int, default=build.DEFAULT_MAX_PIXELS)
+    parser.add_argument("--workers", type=int, default=1, help="image-processing processes")
+    parser.add_argument("--resume", action="store_true", help="keep finished shards")
+    parser.add_argument("--strict", action="store_true", help="fail on the first bad row")
+    parser.add_argument("--tokenizer-vocab", type=int, default=None, help="also train a BPE")
+    parser.set_defaults(func=_run_build)
+
+
+def _run_build(args: argparse.Namespace) -> int:
+    if args.coco:
+        rows = build.coco_rows(args.coco, args.image_root)
+    elif args.audio_root:
+        if args.captions is None:
+            raise ConfigError("--audio-root needs --captions (a table with audio and caption)")
+        rows = build.table_rows(
+            args.captions,
+            args.audio_root,
+            args.audio_column,
+            args.caption_column,
+            args.key_column,
+            kind="audio",
+        )
+    else:
+        rows = build.table_rows(
+            args.input, args.image_root, args.image_column, args.caption_column, args.key_column
+        )
+    encoding = build.Encoding(args.image_size or None, args.format, args.max_pixels)
+    start = time.perf_counter()
+    manifest = build.build_shards(
+        rows,
+        args.out,
+        prefix=args.prefix,
+        shard_size=args.shard_size,
+        encoding=encoding,
+        workers=args.workers,
+        resume=args.resume,
+        strict=args.strict,
+        tokenizer_vocab=args.tokenizer_vocab,
+        progress=sys.stderr.isatty(),
+    )
+    seconds = time.perf_counter() - start
+    skipped = ", ".join(f"{k} {v}" for k, v in sorted(manifest["skipped"].items())) or "none"
+    print(
+        f"build: {manifest['samples']} samples from {manifest['sources']} files in "
+        f"{len(manifest['shards'])} shards, {seconds:.1f}s -> {args.out}; skipped: {skipped}"
+        + (f" (see {args.out / 'skipped.jsonl'})" if manifest["skipped"] else "")
+    )
+    return 0
+
+
+def _add_check_parsers(subparsers: argparse._SubParsersAction) -> None:
+    verify = subparsers.add_parser("verify", help="read every sample; report bad ones")
+    verify.add_argument("shards", help="shard pattern (braces, globs, '::')")
+    verify.set_defaults(func=_run_verify)
+    inspect = subparsers.add_parser("inspect", help="counts, keys, samples, contact sheet")
+    inspect.add_argument("shards", help="shard pattern (braces, globs, '::')")
+    inspect.add_argument("--show", type=int, default=5, help="samples to print")
+    inspect.add_argument("--sheet", type=Path, default=None, help="write a contact-sheet PNG")
+    inspect.set_defaults(func=_run_inspect)
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    shards = expand_shards(args.shards, "shards")
+    good, reports = check.verify(shards)
+    for report in reports:
+        print(report)
+    print(f"verify: {good} good samples, {len(reports)} bad, in {len(shards)} shards")
+    return 1 if reports else 0
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    shards = expand_shards(args.shards, "shards")
+    summary = check.inspect(shards, args.show)
+    print(f"{summary['samples']} samples in {summary['shards']} shards")
+    for shard, count in summary["per_shard"].items():
+        print(f"  {shard}: {count}")
+    print("members: " + ", ".join(f".{e} x{n}" for e, n in sorted(summary["extensions"].items())))
+    for example in summary["examples"]:
+        print(json.dumps(example, ensure_ascii=False))
+    if args.sheet:
+        count = check.contact_sheet(shards, args.sheet)
+        print(f"contact sheet of {count} images: {args.sheet}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="polymodal-data", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_shapes_parser(subparsers)
+    _add_build_parser(subparsers)
+    _add_check_parsers(subparsers)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

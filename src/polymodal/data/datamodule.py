@@ -25,7 +25,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.tariterators import tarfile_samples
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander, url_opener
 
 from polymodal.data.tokenizer import TextTokenizer
 from polymodal.data.transforms import image_transform
@@ -61,20 +61,49 @@ def expand_shards(pattern: str | Sequence[str], field: str) -> list[str]:
 
 
 def shard_sizes(urls: Sequence[str], field: str) -> list[int]:
-    """Sample count of each shard, from the `sizes.json` next to it (open_clip convention)."""
+    """Sample count of each shard: from the `sizes.json` next to it (open_clip convention),
+    else from img2dataset's `<shard>_stats.json` (`successes`)."""
     sizes, cache = [], {}
     for url in urls:
         path = Path(url)
         sizes_file = path.parent / "sizes.json"
         if sizes_file not in cache:
             cache[sizes_file] = json.loads(sizes_file.read_text()) if sizes_file.exists() else {}
-        if path.name not in cache[sizes_file]:
+        stats_file = path.with_name(path.name.removesuffix(".tar") + "_stats.json")
+        if path.name in cache[sizes_file]:
+            sizes.append(int(cache[sizes_file][path.name]))
+        elif stats_file.exists():
+            sizes.append(int(json.loads(stats_file.read_text())["successes"]))
+        else:
             raise ConfigError(
-                f"{field}: no sample count for {url} in {sizes_file}; write a sizes.json "
-                "(or stream with data.resampled=true and data.train_samples)"
+                f"{field}: no sample count for {url} in {sizes_file} or {stats_file.name}; "
+                "write a sizes.json (or stream with data.resampled=true and data.train_samples)"
             )
-        sizes.append(int(cache[sizes_file][path.name]))
     return sizes
+
+
+class KeySplitter:
+    """Tar member name -> (sample key, extension). A name ending in one of `extensions`
+    keeps everything before it as the key, so keys may contain dots (`img.001.jpg`);
+    other names split at the first dot, as webdataset does. (A class, not a closure, so
+    spawned loader workers can unpickle it.)"""
+
+    def __init__(self, extensions: Sequence[str]) -> None:
+        self.known = sorted({e.lower() for e in extensions}, key=len, reverse=True)
+
+    def __call__(self, name: str) -> tuple[str, str]:
+        lower = name.lower()
+        for extension in self.known:
+            if lower.endswith("." + extension) and len(name) > len(extension) + 1:
+                return name[: -len(extension) - 1], extension
+        return base_plus_ext(name)
+
+
+def tar_samples(url: str, split_key: Callable, handler: Callable[[Exception], bool]):
+    """Raw samples ({__key__, __url__, ext: bytes}) of one tar shard."""
+    streams = url_opener([{"url": url}], handler=handler)
+    files = tar_file_expander(streams, handler=handler)
+    return group_by_keys(files, keys=split_key, handler=handler)
 
 
 def split_range(total: int, parts: int, index: int) -> tuple[int, int]:
@@ -107,13 +136,20 @@ class SampleDecoder:
         self.text_keys = tuple(text_keys)
         self.meta_key = meta_key
 
+    @property
+    def extensions(self) -> tuple[str, ...]:
+        """Every member extension this decoder reads (for splitting keys with dots)."""
+        return (*self.image_keys, *self.text_keys, self.meta_key)
+
     def __call__(self, sample: dict) -> dict:
         where = f"{sample.get('__url__')}:{sample.get('__key__')}"
         image_key = next((k for k in self.image_keys if k in sample), None)
         text_key = next((k for k in self.text_keys if k in sample), None)
         if image_key is None or text_key is None:
-            missing = "image" if image_key is None else "text"
-            raise ValueError(f"{where}: no {missing} member (looked for {self.image_keys})")
+            missing, wanted = (
+                ("image", self.image_keys) if image_key is None else ("text", self.text_keys)
+            )
+            raise ValueError(f"{where}: no {missing} member (looked for {wanted})")
         try:
             with Image.open(io.BytesIO(sample[image_key])) as img:
                 image = self.transform(img.convert("RGB"))
@@ -169,6 +205,7 @@ class ShardedSamples(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
         self.resampled, self.strict = resampled, strict
+        self.split_key = KeySplitter(decoder.extensions)
         self.epoch = -1
         self.skipped = 0
 
@@ -200,7 +237,7 @@ class ShardedSamples(IterableDataset):
             offset += size
             if lo >= hi:
                 continue
-            for index, sample in enumerate(tarfile_samples([{"url": url}], handler=self.skip)):
+            for index, sample in enumerate(tar_samples(url, self.split_key, self.skip)):
                 if index >= hi:
                     break
                 if index >= lo:
@@ -212,7 +249,7 @@ class ShardedSamples(IterableDataset):
         while empty_draws < 4 * len(self.urls):
             empty_draws += 1
             url = rng.choice(self.urls)
-            for sample in tarfile_samples([{"url": url}], handler=self.skip):
+            for sample in tar_samples(url, self.split_key, self.skip):
                 empty_draws = 0
                 yield sample
         raise ValueError(f"data: no sample in {4 * len(self.urls)} draws from {self.urls[0]}, ...")
@@ -364,6 +401,31 @@ class WebDataModule(L.LightningDataModule):
                 self.tokenizer = TextTokenizer(self.tokenizer_path, self.context_length)
             except FileNotFoundError as err:
                 raise ConfigError(f"data.tokenizer: {err}") from err
+        if stage in ("fit", None):
+            self.check_usable(expand_shards(self.train_shards, "data.train_shards"), "train")
+
+    def check_usable(self, urls: Sequence[str], split: str) -> None:
+        """Fail before training, in one line, when no shard holds a usable sample. Reads the
+        shards in order until one sample decodes, so a healthy set costs one sample."""
+        decoder = SampleDecoder(
+            image_transform(self.image_size, False), self.image_keys, self.text_keys
+        )
+        split_key = KeySplitter(decoder.extensions)
+        problems: list[Exception] = []
+
+        def note(exc: Exception) -> bool:
+            problems.append(exc)
+            return True
+
+        for url in urls:
+            for sample in tar_samples(url, split_key, note):
+                try:
+                    decoder(sample)
+                    return
+                except ValueError as exc:
+                    problems.append(exc)
+        first = f" (first problem: {problems[0]})" if problems else " (all empty)"
+        raise ConfigError(f"data.{split}_shards: no usable sample in {len(urls)} shard(s){first}")
 
     @property
     def rank_and_world(self) -> tuple[int, int]:

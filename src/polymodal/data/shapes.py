@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from polymodal.data.tario import add_member, write_json
 from polymodal.data.tokenizer import train_tokenizer
 
 GENERATOR_VERSION = 1
@@ -323,17 +324,6 @@ def _encode_image(image: Image.Image, image_format: str) -> bytes:
     return buffer.getvalue()
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    """Add a file with fixed metadata so identical content gives byte-identical tars."""
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-
-
 def _write_shard(
     path: Path, split: str, start: int, count: int, seed: int, image_size: int, image_format: str
 ) -> list[str]:
@@ -344,18 +334,12 @@ def _write_shard(
         for index in range(start, start + count):
             image, caption, attributes = render_sample(_sample_rng(seed, split, index), image_size)
             key = f"{split}_{index:08d}"
-            _add_member(tar, f"{key}.{image_format}", _encode_image(image, image_format))
-            _add_member(tar, f"{key}.txt", caption.encode("utf-8"))
-            _add_member(tar, f"{key}.json", json.dumps(attributes, sort_keys=True).encode())
+            add_member(tar, f"{key}.{image_format}", _encode_image(image, image_format))
+            add_member(tar, f"{key}.txt", caption.encode("utf-8"))
+            add_member(tar, f"{key}.json", json.dumps(attributes, sort_keys=True).encode())
             captions.append(caption)
     os.replace(tmp, path)
     return captions
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def write_shapes(
@@ -398,7 +382,7 @@ def write_shapes(
             name = f"{SHARD_PREFIX}{shard:06d}.tar"
             sizes[name] = count
             tasks.append((split_dir / name, split, start, count, seed, image_size, image_format))
-        _write_json(split_dir / "sizes.json", sizes)
+        write_json(split_dir / "sizes.json", sizes)
         last = max(num_shards - 1, 0)
         splits[split] = {
             "pattern": f"{split}/{SHARD_PREFIX}{{000000..{last:06d}}}.tar" if total else None,
@@ -437,7 +421,7 @@ def write_shapes(
         "colors": {name: list(rgb) for name, rgb in COLORS.items()},
         "tokenizer": "tokenizer.json",
     }
-    _write_json(out_dir / "manifest.json", manifest)
+    write_json(out_dir / "manifest.json", manifest)
     return manifest
 
 
