@@ -59,6 +59,13 @@ class TextTokenizer:
             raise ValueError(f"tokenizer lacks special tokens {SPECIAL_TOKENS}")
         self._pad_id, _, self._bos_id, self._eos_id, self._mask_id = ids
 
+    @classmethod
+    def from_state(cls, state: dict) -> TextTokenizer:
+        """A tokenizer from `__getstate__`'s dict (how checkpoints carry it)."""
+        tokenizer = cls.__new__(cls)
+        tokenizer.__setstate__(state)
+        return tokenizer
+
     # Pickle via the JSON string so the tokenizer can be sent to DataLoader worker processes.
     def __getstate__(self) -> dict:
         return {"json": self._tokenizer.to_str(), "context_length": self._context_length}

@@ -136,6 +136,8 @@ class PretrainModule(L.LightningModule):
         self.evaluation_cfg = evaluation
         self.evaluator: EmbeddingEvaluator | None = None
         self.tokenizer = None
+        # the resolved run config; the app sets it, and checkpoints carry it (polymodal.load)
+        self.run_config: dict | None = None
         self.skipped_samples = 0
         self._captions: list[tuple[str, str, dict]] = []
         self._val_tokens: list[tuple[Tensor, Tensor, Tensor]] = []
@@ -212,6 +214,14 @@ class PretrainModule(L.LightningModule):
             model.clip_grad_norm_(gradient_clip_val)
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Everything `polymodal.load` needs besides the weights: config and tokenizer."""
+        if self.run_config is not None and self.tokenizer is not None:
+            checkpoint["polymodal"] = {
+                "config": self.run_config,
+                "tokenizer": self.tokenizer.__getstate__(),
+            }
 
     def on_train_end(self) -> None:
         """Facts the app reports after fit. Put on callback_metrics because that is all a

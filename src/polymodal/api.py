@@ -1,0 +1,152 @@
+"""`polymodal.load(ckpt)`: a trained checkpoint as a plain Python object.
+
+Checkpoints written by `polymodal-train` carry the resolved run config and the tokenizer
+(`checkpoint["polymodal"]`), so loading needs no config files and no dataset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from PIL import Image
+from torch import Tensor
+
+from polymodal.data.datamodule import (
+    IMAGE_KEYS,
+    TEXT_KEYS,
+    KeySplitter,
+    SampleDecoder,
+    expand_shards,
+    tar_samples,
+)
+from polymodal.data.tokenizer import TextTokenizer
+from polymodal.data.transforms import image_transform
+from polymodal.evaluation.zeroshot import build_zeroshot_classifier
+from polymodal.tasks.pretrain import PretrainModule
+
+
+class Polymodal:
+    """Encoders, zero-shot classifier and caption generator of one trained checkpoint.
+
+    `transform` (PIL image -> tensor) and `tokenizer` are the ones the model was trained
+    with (the evaluation transform: resize + centre crop + CLIP normalisation).
+    """
+
+    def __init__(self, module: PretrainModule, config: dict, tokenizer: TextTokenizer) -> None:
+        self.module = module.eval()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.transform = image_transform(config["data"]["image_size"], train=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.module.device
+
+    def to(self, device: str | torch.device) -> Polymodal:
+        self.module.to(device)
+        return self
+
+    def preprocess(self, images: Sequence[Image.Image] | Tensor) -> Tensor:
+        """A batch tensor from PIL images (or an already preprocessed tensor)."""
+        if isinstance(images, Tensor):
+            return images.to(self.device)
+        batch = [self.transform(image.convert("RGB")) for image in images]
+        return torch.stack(batch).to(self.device)
+
+    @torch.no_grad()
+    def encode_image(self, images: Sequence[Image.Image] | Tensor) -> Tensor:
+        """L2-normalised image embeddings [N, D]."""
+        return self.module.backbone.embed_image(self.preprocess(images))
+
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str]) -> Tensor:
+        """L2-normalised text embeddings [N, D]."""
+        ids, mask = self.tokenizer.encode(list(texts))
+        return self.module.backbone.embed_text(ids.to(self.device), mask.to(self.device))
+
+    @torch.no_grad()
+    def zero_shot(
+        self,
+        images: Sequence[Image.Image] | Tensor,
+        class_names: Sequence[str],
+        templates: Sequence[str] = ("{}",),
+    ) -> Tensor:
+        """Class probabilities [N, C]: each class is the mean of its normalised prompt
+        embeddings (CLIP's prompt ensemble), scored at the learned temperature."""
+        classifier = build_zeroshot_classifier(self.encode_text, class_names, templates)
+        logits = self.encode_image(images).float() @ classifier.to(self.device).T
+        objectives = self.module.objectives
+        scale = objectives["itc"].logit_scale.exp() if "itc" in objectives else 100.0
+        return (scale * logits).softmax(dim=-1)
+
+    @torch.no_grad()
+    def embed_shards(
+        self,
+        shards: str | Sequence[str],
+        batch_size: int = 256,
+        image_keys: Sequence[str] = IMAGE_KEYS,
+        text_keys: Sequence[str] = TEXT_KEYS,
+    ) -> dict:
+        """Embeddings of every usable sample of a shard set, in shard order:
+        {keys, image [N, D], text [N, D], meta, skipped}. Bad samples are skipped and
+        counted (as in training)."""
+        decoder = SampleDecoder(self.transform, image_keys, text_keys)
+        split_key = KeySplitter(decoder.extensions)
+        skipped = []
+
+        def skip(exc: Exception) -> bool:
+            skipped.append(str(exc))
+            return True
+
+        keys, metas, images, texts, batch = [], [], [], [], []
+
+        def flush() -> None:
+            images.append(self.encode_image(torch.stack([s["image"] for s in batch])).cpu())
+            texts.append(self.encode_text([s["text"] for s in batch]).cpu())
+            batch.clear()
+
+        for url in expand_shards(shards, "shards"):
+            for raw in tar_samples(url, split_key, skip):
+                try:
+                    sample = decoder(raw)
+                except ValueError as exc:
+                    skip(exc)
+                    continue
+                keys.append(sample["key"])
+                metas.append(sample["meta"])
+                batch.append(sample)
+                if len(batch) == batch_size:
+                    flush()
+        if batch:
+            flush()
+        if not keys:
+            raise ValueError(f"shards {shards!r}: no usable sample ({len(skipped)} skipped)")
+        return {
+            "keys": keys,
+            "image": torch.cat(images),
+            "text": torch.cat(texts),
+            "meta": metas,
+            "skipped": skipped,
+        }
+
+    def generate(self, images: Sequence[Image.Image] | Tensor, **kwargs) -> list[str]:
+        """Captions (for checkpoints with a decoder); kwargs as `PretrainModule.generate`."""
+        return self.module.generate(self.preprocess(images), **kwargs)
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> Polymodal:
+    """Rebuild the model of a `polymodal-train` checkpoint (no config files needed)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    stored = checkpoint.get("polymodal")
+    if stored is None:
+        raise ValueError(f"{path}: not a polymodal checkpoint (no 'polymodal' entry)")
+    config = stored["config"]
+    backbone = instantiate(config["model"])
+    module = instantiate(config["task"], backbone=backbone)
+    tokenizer = TextTokenizer.from_state(stored["tokenizer"])
+    module.tokenizer = tokenizer
+    module.load_state_dict(checkpoint["state_dict"])
+    return Polymodal(module, config, tokenizer).to(device)

@@ -1,0 +1,57 @@
+"""`polymodal-embed`: image and text embeddings of a shard set, for downstream use.
+
+    polymodal-embed ckpt_path=runs/.../last.ckpt shards='data/val/*.tar' out_dir=emb/
+
+Writes `image_embeddings.npy`, `text_embeddings.npy` (float32 [N, D], L2-normalised),
+`keys.txt` (one sample key per line, same order) and `meta.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+
+import polymodal
+from polymodal.train import CONFIG_DIR
+from polymodal.utils.errors import ConfigError
+
+
+def embed(cfg: DictConfig) -> dict:
+    """Embed `cfg.shards` with the checkpoint `cfg.ckpt_path`; returns a summary."""
+    model = polymodal.load(cfg.ckpt_path, device=cfg.device)
+    result = model.embed_shards(cfg.shards, batch_size=cfg.batch_size)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "image_embeddings.npy", result["image"].float().numpy())
+    np.save(out / "text_embeddings.npy", result["text"].float().numpy())
+    (out / "keys.txt").write_text("".join(f"{key}\n" for key in result["keys"]))
+    with open(out / "meta.jsonl", "w") as f:
+        f.writelines(json.dumps(meta, sort_keys=True) + "\n" for meta in result["meta"])
+    return {
+        "samples": len(result["keys"]),
+        "dim": result["image"].shape[1],
+        "skipped": len(result["skipped"]),
+        "out_dir": str(out),
+    }
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="embed")
+def main(cfg: DictConfig) -> None:
+    try:
+        summary = embed(cfg)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    print(
+        f"embedded {summary['samples']} samples (dim {summary['dim']}, "
+        f"{summary['skipped']} skipped) -> {summary['out_dir']}"
+    )
+
+
+if __name__ == "__main__":
+    main()
