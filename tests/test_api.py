@@ -151,3 +151,28 @@ def test_embed_cli_writes_embeddings_keys_and_meta(trained, shapes_dir, tmp_path
         bad.returncode == 1
         and bad.stderr.strip() == "error: shards: no shard matches '/nope/*.tar'"
     )
+
+
+def test_eval_app_runs_every_shapes_benchmark(trained, shapes_dir, tmp_path):
+    checkpoint, _ = trained
+    run_dir = tmp_path / "eval"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "polymodal.evaluate",
+            f"ckpt_path={checkpoint}",
+            f"paths.shapes_dir={shapes_dir}",
+            f"hydra.run.dir={run_dir}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    metrics = json.loads((run_dir / "eval_metrics.json").read_text())
+    assert metrics["val/samples"] == 128 and metrics["test/samples"] == 64
+    for key in ("val/zeroshot/shape_acc", "test/retrieval/i2t_r1", "linear_probe/color_acc"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert "evaluation" in out.stdout

@@ -10,15 +10,19 @@ from rich.console import Console
 from rich.table import Table
 
 
-def write_metrics(metrics: Mapping[str, float], output_dir: str | Path) -> Path:
-    path = Path(output_dir) / "metrics.json"
+def write_metrics(
+    metrics: Mapping[str, float], output_dir: str | Path, name: str = "metrics.json"
+) -> Path:
+    path = Path(output_dir) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(dict(sorted(metrics.items())), indent=2) + "\n")
     return path
 
 
-def print_metrics(metrics: Mapping[str, float], output_dir: str | Path) -> None:
-    table = Table(title="final validation metrics")
+def print_metrics(
+    metrics: Mapping[str, float], output_dir: str | Path, title: str = "final validation metrics"
+) -> None:
+    table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, value in sorted(metrics.items()):

@@ -1,0 +1,96 @@
+"""`polymodal-eval`: run a list of benchmarks on a checkpoint, write eval_metrics.json.
+
+    polymodal-eval ckpt_path=logs/train/runs/<time>/checkpoints/last.ckpt eval=shapes
+
+Each entry of `eval.benchmarks` names a `kind`:
+- `zeroshot_retrieval`: zero-shot accuracy per labelled attribute (`templates`, class
+  names from `classes` or the `manifest`), and image<->text retrieval, on `shards`;
+- `linear_probe`: logistic regression on frozen image embeddings of `train_shards`,
+  top-1 accuracy on `test_shards`, for each attribute in `labels`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import polymodal
+from polymodal.api import Polymodal
+from polymodal.evaluation.evaluator import EmbeddingEvaluator
+from polymodal.evaluation.linear_probe import linear_probe
+from polymodal.train import CONFIG_DIR
+from polymodal.utils.errors import ConfigError
+from polymodal.utils.report import print_metrics, write_metrics
+
+
+def zeroshot_retrieval(model: Polymodal, spec: Mapping, batch_size: int) -> dict[str, float]:
+    data = model.embed_shards(spec["shards"], batch_size)
+    evaluator = EmbeddingEvaluator(
+        templates=spec.get("templates"),
+        classes=spec.get("classes"),
+        phrases=spec.get("phrases"),
+        manifest=spec.get("manifest"),
+        retrieval=spec.get("retrieval", True),
+    )
+    evaluator.update(data["image"], data["text"], data["meta"])
+    metrics = evaluator.compute(model.encode_text)
+    metrics["samples"] = float(len(data["keys"]))
+    metrics["skipped_samples"] = float(len(data["skipped"]))
+    return metrics
+
+
+def probe(model: Polymodal, spec: Mapping, batch_size: int) -> dict[str, float]:
+    train = model.embed_shards(spec["train_shards"], batch_size)
+    test = model.embed_shards(spec["test_shards"], batch_size)
+    names = EmbeddingEvaluator(classes=spec.get("classes"), manifest=spec.get("manifest"))
+    metrics = {}
+    for attribute in spec["labels"]:
+        index = {name: i for i, name in enumerate(names.classes(attribute))}
+
+        def labels(metas: list[dict], attribute: str = attribute, index: dict = index):
+            return torch.tensor([index.get(m.get(attribute), -1) for m in metas])
+
+        result = linear_probe(
+            train["image"], labels(train["meta"]), test["image"], labels(test["meta"])
+        )
+        metrics[f"{attribute}_acc"] = result["acc"]
+    return metrics
+
+
+BENCHMARKS = {"zeroshot_retrieval": zeroshot_retrieval, "linear_probe": probe}
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Every benchmark of `cfg.eval.benchmarks` on `cfg.ckpt_path`; flat `<name>/<metric>`."""
+    model = polymodal.load(cfg.ckpt_path, device=cfg.device)
+    metrics: dict[str, float] = {}
+    for name, spec in OmegaConf.to_container(cfg.eval.benchmarks, resolve=True).items():
+        kind = spec.get("kind")
+        if kind not in BENCHMARKS:
+            raise ConfigError(
+                f"eval.benchmarks.{name}.kind: {kind!r} is not one of {sorted(BENCHMARKS)}"
+            )
+        result = BENCHMARKS[kind](model, spec, cfg.batch_size)
+        metrics.update({f"{name}/{key}": float(value) for key, value in result.items()})
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+def main(cfg: DictConfig) -> None:
+    try:
+        metrics = evaluate(cfg)
+    except (ConfigError, FileNotFoundError, ValueError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    out_dir = Path(cfg.paths.output_dir)
+    write_metrics(metrics, out_dir, "eval_metrics.json")
+    print_metrics(metrics, out_dir, title="evaluation")
+
+
+if __name__ == "__main__":
+    main()
