@@ -124,6 +124,7 @@ def test_embed_cli_writes_embeddings_keys_and_meta(trained, shapes_dir, tmp_path
         capture_output=True,
         text=True,
         timeout=300,
+        cwd=tmp_path,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert out.returncode == 0, out.stderr[-2000:]
