@@ -15,6 +15,7 @@ import glob
 import io
 import json
 import logging
+import os
 import random
 import signal
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -111,14 +112,21 @@ def split_range(total: int, parts: int, index: int) -> tuple[int, int]:
     return total * index // parts, total * (index + 1) // parts
 
 
+def _exit_quietly(signum, frame) -> None:
+    os._exit(0)
+
+
 def ignore_job_signals(worker_id: int) -> None:
-    """Loader workers ignore SIGUSR1, SIGUSR2 and SIGTERM. SLURM delivers a job's warning
-    signal, and a requeue's SIGTERM, to every process of the step; a worker killed by
-    them takes the run down with an error before it can stop cleanly (see
-    utils.callbacks.Preemption). Workers still end with the training process: torch's
-    watchdog stops them when it exits, and SIGKILL always works."""
-    for signum in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
+    """Loader workers ignore SIGUSR1/SIGUSR2 and leave with exit code 0 on SIGTERM.
+
+    SLURM delivers a job's warning signal, and a requeue's SIGTERM, to every process of
+    the step. A worker killed by a signal makes torch raise "worker exited unexpectedly"
+    in the training process, which would replace the clean exit of a preempted run (see
+    utils.callbacks.Preemption); a worker that ignored SIGTERM would instead hang the
+    training process's exit, which stops its daemonic children with SIGTERM."""
+    for signum in (signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(signum, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_quietly)
 
 
 class SampleDecoder:
