@@ -174,6 +174,16 @@ def test_eval_app_runs_every_shapes_benchmark(trained, shapes_dir, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     metrics = json.loads((run_dir / "eval_metrics.json").read_text())
     assert metrics["val/samples"] == 128 and metrics["test/samples"] == 64
-    for key in ("val/zeroshot/shape_acc", "test/retrieval/i2t_r1", "linear_probe/color_acc"):
+    for key in (
+        "val/zeroshot/shape_acc",
+        "val/zeroshot/shape_top5",
+        "test/retrieval/i2t_r1",
+        "linear_probe/color_acc",
+    ):
         assert 0.0 <= metrics[key] <= 1.0, key
+    confusion = json.loads((run_dir / "confusion" / "val_shape.json").read_text())
+    assert len(confusion["classes"]) == len(confusion["matrix"]) == 8
+    matrix = torch.tensor(confusion["matrix"])  # rows true, columns predicted
+    accuracy = matrix.trace().item() / matrix.sum().item()
+    assert accuracy == pytest.approx(metrics["val/zeroshot/shape_acc"])
     assert "evaluation" in out.stdout

@@ -10,7 +10,11 @@ import torch
 from torch import Tensor
 
 from polymodal.evaluation.retrieval import retrieval_metrics
-from polymodal.evaluation.zeroshot import build_zeroshot_classifier, zeroshot_metrics
+from polymodal.evaluation.zeroshot import (
+    build_zeroshot_classifier,
+    confusion_matrix,
+    zeroshot_metrics,
+)
 from polymodal.utils.distributed import gather_objects, gather_variable, rank_and_world
 
 
@@ -85,7 +89,10 @@ class EmbeddingEvaluator:
 
     @torch.no_grad()
     def compute(self, encode_text: Callable[[list[str]], Tensor]) -> dict[str, float]:
-        """Metrics named `zeroshot/<attr>_acc`, `zeroshot/mean_acc`, `retrieval/i2t_r1`, ..."""
+        """Metrics named `zeroshot/<attr>_acc`, `zeroshot/mean_acc`, `retrieval/i2t_r1`, ...
+        Each attribute's confusion matrix (rows true, columns predicted) is kept in
+        `self.confusion`."""
+        self.confusion: dict[str, Tensor] = {}
         if not self._image:
             return {}
         image, text = self.embeddings()
@@ -104,6 +111,9 @@ class EmbeddingEvaluator:
             result = zeroshot_metrics(image, classifier, labels)
             metrics[f"zeroshot/{attribute}_acc"] = result["acc"]
             metrics[f"zeroshot/{attribute}_mean_per_class_acc"] = result["mean_per_class_acc"]
+            if "top5" in result:
+                metrics[f"zeroshot/{attribute}_top5"] = result["top5"]
+            self.confusion[attribute] = confusion_matrix(image, classifier, labels)
             accs.append(result["acc"])
         if accs:
             metrics["zeroshot/mean_acc"] = sum(accs) / len(accs)
