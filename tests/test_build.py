@@ -59,6 +59,11 @@ def run_cli(*args: str) -> int:
     return data_cli([str(a) for a in args])
 
 
+def build_table(table: Path, root: Path, out: Path, *options: str) -> int:
+    """`polymodal-data build --input table --image-root root --out out [options]`."""
+    return run_cli("build", "--input", table, "--image-root", root, "--out", out, *options)
+
+
 def train_fast(shards: Path, run_dir: Path, batch_size: int = 4) -> dict:
     """A fast_dev_run of the default CLIP task on built shards (needs their tokenizer)."""
     overrides = [
@@ -85,22 +90,9 @@ def test_build_from_each_table_format(tmp_path, suffix):
     rows = good_rows(tmp_path)
     write_table(rows, tmp_path / f"captions{suffix}")
     out = tmp_path / "shards"
-    code = run_cli(
-        "build",
-        "--input",
-        tmp_path / f"captions{suffix}",
-        "--image-root",
-        tmp_path,
-        "--key-column",
-        "id",
-        "--out",
-        out,
-        "--shard-size",
-        "3",
-        "--image-size",
-        "32",
-        "--tokenizer-vocab",
-        "300",
+    options = ["--key-column", "id", "--shard-size", "3", "--image-size", "32"]
+    code = build_table(
+        tmp_path / f"captions{suffix}", tmp_path, out, *options, "--tokenizer-vocab", "300"
     )
     assert code == 0
     assert json.loads((out / "sizes.json").read_text()) == {
@@ -216,18 +208,7 @@ def test_each_bad_input_is_skipped_with_its_reason(tmp_path):
 
 def test_strict_build_fails_on_the_first_bad_row(tmp_path, capsys):
     table = bad_input_table(tmp_path)
-    code = run_cli(
-        "build",
-        "--input",
-        table,
-        "--image-root",
-        tmp_path,
-        "--key-column",
-        "id",
-        "--out",
-        tmp_path / "shards",
-        "--strict",
-    )
+    code = build_table(table, tmp_path, tmp_path / "shards", "--key-column", "id", "--strict")
     assert code == 1
     error = capsys.readouterr().err
     assert error.startswith("error: row 3 (") and "missing_image: no file" in error
@@ -280,20 +261,7 @@ def test_interrupted_build_resumes_to_the_same_shards(tmp_path):
 def test_verify_and_inspect(tmp_path, capsys):
     write_table(good_rows(tmp_path), tmp_path / "c.csv")
     out = tmp_path / "shards"
-    assert (
-        run_cli(
-            "build",
-            "--input",
-            tmp_path / "c.csv",
-            "--image-root",
-            tmp_path,
-            "--out",
-            out,
-            "--shard-size",
-            "4",
-        )
-        == 0
-    )
+    assert build_table(tmp_path / "c.csv", tmp_path, out, "--shard-size", "4") == 0
     assert run_cli("verify", str(out / "*.tar")) == 0
     assert "8 good samples, 0 bad" in capsys.readouterr().out
 
@@ -322,17 +290,7 @@ def test_training_reads_other_writers_shards_through_the_key_map(tmp_path):
     """webdataset.ShardWriter output with .jpeg images and .caption texts."""
     write_table(good_rows(tmp_path, 4), tmp_path / "c.csv")
     assert (
-        run_cli(
-            "build",
-            "--input",
-            tmp_path / "c.csv",
-            "--image-root",
-            tmp_path,
-            "--out",
-            tmp_path / "ours",
-            "--tokenizer-vocab",
-            "300",
-        )
+        build_table(tmp_path / "c.csv", tmp_path, tmp_path / "ours", "--tokenizer-vocab", "300")
         == 0
     )
     other = tmp_path / "other"

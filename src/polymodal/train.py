@@ -19,7 +19,7 @@ from polymodal.utils.report import print_metrics, write_metrics
 from polymodal.utils.validate import check_types
 
 log = logging.getLogger(__name__)
-# what fit leaves on trainer.callback_metrics that the final report keeps
+# what fit leaves on trainer.callback_metrics (PretrainModule.on_train_end) for the report
 RUN_FACTS = (
     "train/global_step",
     "data/skipped_samples",

@@ -173,14 +173,9 @@ class PretrainModule(L.LightningModule):
         size = batch["image"].shape[0]
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=size)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size)
-        # summed over ranks: the whole run's count of bad samples skipped so far
-        self.log(
-            "data/skipped_samples",
-            float(self.skipped_samples),
-            batch_size=size,
-            sync_dist=True,
-            reduce_fx="sum",
-        )
+        # this rank's running count (a per-step all-reduce would cost a sync every step);
+        # on_train_end reports the sum over ranks
+        self.log("data/skipped_samples", float(self.skipped_samples), batch_size=size)
         return loss
 
     @torch.no_grad()
@@ -226,7 +221,10 @@ class PretrainModule(L.LightningModule):
     def on_train_end(self) -> None:
         """Facts the app reports after fit. Put on callback_metrics because that is all a
         ddp_spawn run sends back to the launching process."""
-        facts = {"train/global_step": float(self.global_step)}
+        facts = {
+            "train/global_step": float(self.global_step),
+            "data/skipped_samples": float(sum(gather_objects([self.skipped_samples]))),
+        }
         if self.trainer.world_size > 1:
             facts["dist/ranks_same_step"] = float(ranks_agree(self.global_step))
         if isinstance(self.trainer.strategy, DDPStrategy):

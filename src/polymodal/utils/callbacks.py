@@ -93,8 +93,11 @@ class Preemption(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self._installed or self.stopped:
             return
-        flag = torch.tensor(float(self.requested), device=pl_module.device)
-        if trainer.strategy.reduce(flag, reduce_op="max").item() > 0:
+        requested = self.requested
+        if trainer.world_size > 1:  # one scalar all-reduce per step, only in SLURM jobs
+            flag = torch.tensor(float(requested), device=pl_module.device)
+            requested = trainer.strategy.reduce(flag, reduce_op="max").item() > 0
+        if requested:
             self.stopped = trainer.should_stop = True
 
     def on_train_end(self, trainer, pl_module) -> None:
