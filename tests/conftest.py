@@ -19,6 +19,15 @@ for _name in [n for n in os.environ if n.startswith("SLURM_")]:
     del os.environ[_name]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def wandb_data_dir(tmp_path_factory) -> Path:
+    """Offline wandb runs stage table media under WANDB_DATA_DIR (default ~/.local/share/
+    wandb) until `wandb sync`; keep the tests' in a temp dir."""
+    path = tmp_path_factory.mktemp("wandb_data")
+    os.environ["WANDB_DATA_DIR"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory) -> Path:
     """A small shapes dataset shared by the whole session (~1 s to write)."""

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from polymodal.data import build, check
 from polymodal.data.datamodule import expand_shards
+from polymodal.data.digits import ensure_digits, write_digits
 from polymodal.data.shapes import ensure_shapes, write_shapes
 from polymodal.utils.errors import ConfigError
 
@@ -49,13 +50,51 @@ def _run_shapes(args: argparse.Namespace) -> int:
         vocab_size=args.vocab_size,
         workers=args.workers,
     )
-    seconds = time.perf_counter() - start
-    counts = " ".join(f"{s}={info['num_samples']}" for s, info in manifest["splits"].items())
-    print(
-        f"shapes: {counts} in {seconds:.1f}s -> {args.out} "
-        f"(manifest.json, {manifest['tokenizer']}, {manifest['splits']['train']['pattern']})"
-    )
+    _print_summary(manifest, args.out, time.perf_counter() - start)
     return 0
+
+
+def _add_digits_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "digits", help="write scikit-learn's bundled handwritten digits as webdataset shards"
+    )
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--val", type=int, default=250, help="validation samples")
+    parser.add_argument("--test", type=int, default=250, help="test samples (train: the rest)")
+    parser.add_argument("--image-size", type=int, default=32, help="image side in pixels")
+    parser.add_argument("--shard-size", type=int, default=500, help="samples per shard")
+    parser.add_argument("--seed", type=int, default=0, help="split and caption seed")
+    parser.add_argument("--vocab-size", type=int, default=1000, help="BPE tokenizer vocab size")
+    parser.add_argument(
+        "--force", action="store_true", help="rewrite even if an identical dataset exists"
+    )
+    parser.set_defaults(func=_run_digits)
+
+
+def _run_digits(args: argparse.Namespace) -> int:
+    generate = write_digits if args.force else ensure_digits
+    start = time.perf_counter()
+    manifest = generate(
+        args.out,
+        num_val=args.val,
+        num_test=args.test,
+        image_size=args.image_size,
+        shard_size=args.shard_size,
+        seed=args.seed,
+        vocab_size=args.vocab_size,
+    )
+    _print_summary(manifest, args.out, time.perf_counter() - start)
+    return 0
+
+
+def _print_summary(manifest: dict, out: str, seconds: float) -> None:
+    """One line for a built-in dataset: sample counts per split, time, what was written."""
+    splits = manifest["splits"]  # in train/val/test order (a manifest read back is key-sorted)
+    counts = " ".join(f"{s}={splits[s]['num_samples']}" for s in ("train", "val", "test"))
+    print(
+        f"{manifest['name']}: {counts} in {seconds:.1f}s -> {out} "
+        f"(manifest.json, {manifest['tokenizer']}, {splits['train']['pattern']})"
+    )
 
 
 def _add_build_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -166,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="polymodal-data", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_shapes_parser(subparsers)
+    _add_digits_parser(subparsers)
     _add_build_parser(subparsers)
     _add_check_parsers(subparsers)
     args = parser.parse_args(argv)

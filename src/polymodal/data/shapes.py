@@ -459,6 +459,20 @@ def _is_complete(out_dir: Path, manifest: dict) -> bool:
     return True
 
 
+def existing_manifest(out_dir: Path, params: dict) -> dict | None:
+    """The manifest in ``out_dir`` if a complete dataset was generated there with ``params``.
+
+    Shared by the built-in datasets' ``ensure_*`` functions, which regenerate otherwise.
+    """
+    manifest_path = out_dir / "manifest.json"
+    if not manifest_path.is_file():
+        return None
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("params") != params or not _is_complete(out_dir, manifest):
+        return None
+    return manifest
+
+
 def ensure_shapes(out_dir: str | Path, **kwargs) -> dict:
     """Return the existing manifest if it was generated with the same parameters, else generate.
 
@@ -468,9 +482,4 @@ def ensure_shapes(out_dir: str | Path, **kwargs) -> dict:
     bound = inspect.signature(write_shapes).bind(out_dir, **kwargs)
     bound.apply_defaults()
     arguments = {k: v for k, v in bound.arguments.items() if k not in ("out_dir", "workers")}
-    manifest_path = out_dir / "manifest.json"
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("params") == _params(**arguments) and _is_complete(out_dir, manifest):
-            return manifest
-    return write_shapes(out_dir, **kwargs)
+    return existing_manifest(out_dir, _params(**arguments)) or write_shapes(out_dir, **kwargs)

@@ -36,6 +36,7 @@ class EmbeddingEvaluator:
         manifest: str | None = None,
         retrieval: bool = True,
         retrieval_chunk_size: int = 1024,
+        group_by: str | None = "image_id",
     ) -> None:
         self.templates = {k: list(v) for k, v in (templates or {}).items()}
         self._classes = {k: list(v) for k, v in (classes or {}).items()}
@@ -43,12 +44,14 @@ class EmbeddingEvaluator:
         self.manifest = manifest
         self.retrieval = retrieval
         self.retrieval_chunk_size = retrieval_chunk_size
+        self.group_by = group_by
         self.reset()
 
     def reset(self) -> None:
         self._image: list[Tensor] = []
         self._text: list[Tensor] = []
         self._meta: list[dict] = []
+        self._captions: list[str] = []
 
     def classes(self, attribute: str) -> list[str]:
         if attribute in self._classes:
@@ -64,10 +67,18 @@ class EmbeddingEvaluator:
         self._classes[attribute] = list(vocab[attribute])
         return self._classes[attribute]
 
-    def update(self, image_emb: Tensor, text_emb: Tensor, meta: Sequence[dict]) -> None:
+    def update(
+        self,
+        image_emb: Tensor,
+        text_emb: Tensor,
+        meta: Sequence[dict],
+        captions: Sequence[str] | None = None,
+    ) -> None:
+        """Add a batch; `captions` (the texts) are kept for retrieval tables."""
         self._image.append(image_emb.detach().float().cpu())
         self._text.append(text_emb.detach().float().cpu())
         self._meta.extend(meta)
+        self._captions.extend(captions if captions is not None else [""] * len(meta))
 
     def gather(self, device: torch.device | str = "cpu") -> None:
         """Replace this rank's collected samples by every rank's, in rank order (DDP
@@ -77,15 +88,42 @@ class EmbeddingEvaluator:
             return
         image, text = (gather_variable(t.to(device)).cpu() for t in self.embeddings())
         self._image, self._text = [image], [text]
-        self._meta = gather_objects(self._meta)
+        self._meta, self._captions = zip(
+            *gather_objects(list(zip(self._meta, self._captions, strict=True))), strict=True
+        )
+        self._meta, self._captions = list(self._meta), list(self._captions)
 
     def embeddings(self) -> tuple[Tensor, Tensor]:
         """All (image, text) embeddings collected since the last reset."""
         return torch.cat(self._image), torch.cat(self._text)
 
-    def labels(self, attribute: str) -> Tensor:
+    @property
+    def captions(self) -> list[str]:
+        """The texts passed to `update` (empty strings where none were), in sample order."""
+        return self._captions
+
+    def image_groups(self) -> tuple[Tensor, Tensor]:
+        """(first sample of each image [Ni], image index of each sample [N]).
+
+        Samples with equal `group_by` values share an image; a sample without the field is
+        an image of its own."""
+        first: list[int] = []
+        image_of: dict[tuple, int] = {}
+        sample_to_image = []
+        for i, meta in enumerate(self._meta):
+            group = meta.get(self.group_by) if self.group_by else None
+            key = ("sample", i) if group is None else ("group", str(group))
+            if key not in image_of:
+                image_of[key] = len(first)
+                first.append(i)
+            sample_to_image.append(image_of[key])
+        return torch.tensor(first), torch.tensor(sample_to_image)
+
+    def labels(self, attribute: str, samples: Tensor | None = None) -> Tensor:
+        """Class index of `attribute` for each sample (or only `samples`); -1 if absent."""
         index = {name: i for i, name in enumerate(self.classes(attribute))}
-        return torch.tensor([index.get(m.get(attribute), -1) for m in self._meta])
+        metas = self._meta if samples is None else [self._meta[i] for i in samples.tolist()]
+        return torch.tensor([index.get(m.get(attribute), -1) for m in metas])
 
     @torch.no_grad()
     def compute(self, encode_text: Callable[[list[str]], Tensor]) -> dict[str, float]:
@@ -96,10 +134,12 @@ class EmbeddingEvaluator:
         if not self._image:
             return {}
         image, text = self.embeddings()
+        first, sample_to_image = self.image_groups()
+        image = image[first]  # one embedding per image, however many captions it has
         metrics: dict[str, float] = {}
         accs = []
         for attribute, templates in self.templates.items():
-            labels = self.labels(attribute)
+            labels = self.labels(attribute, first)
             if (labels >= 0).sum() == 0:
                 continue
             phrases = self.phrases.get(attribute, {})
@@ -118,7 +158,8 @@ class EmbeddingEvaluator:
         if accs:
             metrics["zeroshot/mean_acc"] = sum(accs) / len(accs)
         if self.retrieval:
-            pairs = torch.arange(len(text))
-            result = retrieval_metrics(image, text, pairs, chunk_size=self.retrieval_chunk_size)
+            result = retrieval_metrics(
+                image, text, sample_to_image, chunk_size=self.retrieval_chunk_size
+            )
             metrics.update({f"retrieval/{k}": v for k, v in result.items()})
         return metrics

@@ -14,6 +14,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import get_object, instantiate
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf
@@ -23,6 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from polymodal.evaluation.captioning import attribute_match_rate, caption_scores
 from polymodal.evaluation.evaluator import EmbeddingEvaluator
+from polymodal.evaluation.media import retrieval_examples, write_media
 from polymodal.evaluation.retrieval import reranked_recall_at_1
 from polymodal.models.backbone import Backbone
 from polymodal.objectives.base import EncodingCache, Objective
@@ -36,6 +38,7 @@ from polymodal.utils.distributed import (
     weights_digest,
 )
 from polymodal.utils.errors import ConfigError
+from polymodal.utils.loggers import log_media_to_wandb
 
 
 def _plain(cfg: Mapping | None) -> dict:
@@ -132,6 +135,7 @@ class PretrainModule(L.LightningModule):
         evaluation = dict(evaluation or {})
         self.caption_batches = int(evaluation.pop("caption_batches", 2))
         self.itm_rerank_k = int(evaluation.pop("itm_rerank_k", 16))
+        self.media_samples = int(evaluation.pop("media_samples", 8))
         self.generation_cfg = dict(evaluation.pop("generation", {}) or {})
         self.evaluation_cfg = evaluation
         self.evaluator: EmbeddingEvaluator | None = None
@@ -141,6 +145,7 @@ class PretrainModule(L.LightningModule):
         self.skipped_samples = 0
         self._captions: list[tuple[str, str, dict]] = []
         self._val_tokens: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._media_images: Tensor | None = None
 
     def setup(self, stage: str) -> None:
         """Take the tokenizer and the zero-shot spec from the datamodule (they describe data)."""
@@ -235,6 +240,7 @@ class PretrainModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self.evaluator.reset()
         self._captions, self._val_tokens = [], []
+        self._media_images = None
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         size = batch["image"].shape[0]
@@ -250,7 +256,11 @@ class PretrainModule(L.LightningModule):
             for name, objective in self.objectives.items():
                 for key, (value, count) in objective.validation_metrics(cache).items():
                     self.log(f"val/{name}/{key}", value, batch_size=count, sync_dist=True)
-        self.evaluator.update(cache.image_embedding(), cache.text_embedding(), batch["meta"])
+        self.evaluator.update(
+            cache.image_embedding(), cache.text_embedding(), batch["meta"], batch["text"]
+        )
+        if batch_idx == 0:  # rank 0's first images lead the gathered val set
+            self._media_images = batch["image"][: self.media_samples].detach().cpu()
         if "itm" in self.objectives and self.itm_rerank_k > 0:
             tokens = (cache.image_tokens(), cache.text_tokens(), batch["text_mask"])
             self._val_tokens.append(tuple(t.detach() for t in tokens))
@@ -274,6 +284,8 @@ class PretrainModule(L.LightningModule):
         if self._captions:
             metrics.update(self.caption_metrics())
             self.log_caption_samples()
+        if self.media_samples > 0 and self.trainer.is_global_zero:
+            self.log_media()
         # identical on every rank; sync_dist only tells Lightning so (no extra meaning)
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=True)
         self.evaluator.reset()
@@ -310,12 +322,33 @@ class PretrainModule(L.LightningModule):
             lines = [json.dumps({"generated": g, "reference": r}) for g, r in rows]
             (out / f"captions_step{self.global_step}.jsonl").write_text("\n".join(lines) + "\n")
 
+    def log_media(self) -> None:
+        """Zero-shot confusion matrices and retrieval examples of this validation: PNG and
+        CSV under `<root>/media/` (suffix `_step<N>`), and images + a table in wandb."""
+        if self.trainer.sanity_checking:
+            return
+        examples = None
+        if self.evaluator.retrieval and self._media_images is not None:
+            image_emb, text_emb = self.evaluator.embeddings()
+            examples = retrieval_examples(
+                self._media_images, image_emb, text_emb, self.evaluator.captions
+            )
+        confusion = {a: (m, self.evaluator.classes(a)) for a, m in self.evaluator.confusion.items()}
+        out = Path(self.trainer.default_root_dir) / "media"
+        pictures = write_media(out, f"_step{self.global_step}", confusion, examples)
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                log_media_to_wandb(logger, pictures, examples, self.global_step)
+
     @torch.no_grad()
     def itm_rerank_metrics(self, chunk_size: int = 512) -> dict[str, float]:
         """Retrieval R@1 with each query's ITC top-k re-ranked by the ITM head."""
         image_tokens, text_tokens, text_mask = (
             torch.cat(t) for t in zip(*self._val_tokens, strict=True)
         )
+        image_emb, text_emb = (e.to(self.device) for e in self.evaluator.embeddings())
+        first, sample_to_image = (t.to(self.device) for t in self.evaluator.image_groups())
+        image_emb, image_tokens = image_emb[first], image_tokens[first]  # one per image
         itm = self.objectives["itm"]
 
         def score(image_index: Tensor, text_index: Tensor) -> Tensor:
@@ -329,9 +362,9 @@ class PretrainModule(L.LightningModule):
                 scores.append(logits.softmax(dim=-1)[:, 1])
             return torch.cat(scores)
 
-        image_emb, text_emb = (e.to(self.device) for e in self.evaluator.embeddings())
-        pairs = torch.arange(len(text_emb), device=self.device)
-        result = reranked_recall_at_1(image_emb, text_emb, pairs, score, k=self.itm_rerank_k)
+        result = reranked_recall_at_1(
+            image_emb, text_emb, sample_to_image, score, k=self.itm_rerank_k
+        )
         return {f"retrieval/{k}": v for k, v in result.items()}
 
     @torch.no_grad()

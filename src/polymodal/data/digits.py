@@ -1,0 +1,183 @@
+"""scikit-learn's bundled handwritten digits as a small real image-caption dataset.
+
+``sklearn.datasets.load_digits()`` ships 1797 real 8x8 scans (ink levels 0..16) inside
+scikit-learn, so this dataset needs no network. Each scan becomes a white-on-black RGB PNG
+(bilinear to ``image_size``) with a caption naming the digit and a ``{"digit": ...}`` label,
+in the same shard layout as the shapes dataset, so training, zero-shot evaluation and the
+linear probe read it unchanged.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
+from polymodal.data.shapes import existing_manifest
+from polymodal.data.tario import add_member, write_json
+from polymodal.data.tokenizer import train_tokenizer
+from polymodal.utils.errors import ConfigError
+
+GENERATOR_VERSION = 1
+
+DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+ATTRIBUTES: dict[str, tuple[str, ...]] = {"digit": DIGITS}
+SPLITS = ("train", "val", "test")
+SHARD_PREFIX = "digits-"
+# {word} is the class name ("seven"), {numeral} the figure ("7"); most templates use the word,
+# which is what zero-shot prompts name.
+TEMPLATES = (
+    "a handwritten digit {word}",
+    "the number {word} written by hand",
+    "a scan of a handwritten {word}",
+    "a handwritten {word}",
+    "the digit {word}, written by hand",
+    "a scan of a handwritten {numeral}",
+)
+_MAX_INK = 16.0  # load_digits' pixel values run 0..16
+
+
+def digit_image(scan: np.ndarray, image_size: int) -> Image.Image:
+    """An 8x8 scan as a white-on-black RGB image: ink 0..16 -> 0..255, bilinear to size."""
+    pixels = np.rint(scan * (255 / _MAX_INK)).astype(np.uint8)
+    gray = Image.fromarray(pixels, "L").resize((image_size, image_size), Image.Resampling.BILINEAR)
+    return gray.convert("RGB")
+
+
+def caption(rng: np.random.Generator, label: int) -> tuple[str, int]:
+    """A caption for ``label`` and the index of its template."""
+    template = int(rng.integers(len(TEMPLATES)))
+    return TEMPLATES[template].format(word=DIGITS[label], numeral=label), template
+
+
+def split_rows(labels: np.ndarray, num_val: int, num_test: int, seed: int) -> dict[str, np.ndarray]:
+    """Sorted rows of each split, stratified by class so every split keeps the class balance."""
+    rows = np.arange(len(labels))
+    rest, test = train_test_split(rows, test_size=num_test, stratify=labels, random_state=seed)
+    train, val = train_test_split(rest, test_size=num_val, stratify=labels[rest], random_state=seed)
+    return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+
+
+def _write_shard(
+    path: Path,
+    split: str,
+    rows: np.ndarray,
+    scans: np.ndarray,
+    labels: np.ndarray,
+    seed: int,
+    image_size: int,
+) -> list[str]:
+    """Write one shard atomically (tmp file + rename) and return its captions."""
+    captions = []
+    tmp = path.with_name(path.name + ".tmp")
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for row in rows.tolist():
+            label = int(labels[row])
+            # seeded per row, so a caption does not depend on the split or the sharding
+            text, template = caption(np.random.default_rng([seed, row]), label)
+            png = io.BytesIO()
+            digit_image(scans[row], image_size).save(png, format="PNG")
+            meta = {"digit": DIGITS[label], "label": label, "index": row, "template": template}
+            key = f"{split}_{row:04d}"
+            add_member(tar, f"{key}.png", png.getvalue())
+            add_member(tar, f"{key}.txt", text.encode("utf-8"))
+            add_member(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+            captions.append(text)
+    os.replace(tmp, path)
+    return captions
+
+
+def write_digits(
+    out_dir: str | Path,
+    num_val: int = 250,
+    num_test: int = 250,
+    image_size: int = 32,
+    shard_size: int = 500,
+    seed: int = 0,
+    vocab_size: int = 1000,
+) -> dict:
+    """Write all splits (train gets the rest), their sizes.json, the tokenizer and manifest.
+
+    The manifest is written last, so its presence marks a complete dataset.
+    """
+    data = load_digits()
+    scans, labels = data.images, data.target
+    num_train = len(labels) - num_val - num_test
+    if min(num_val, num_test, num_train) < len(DIGITS):
+        raise ConfigError(
+            f"digits: val ({num_val}) and test ({num_test}) must each be >= {len(DIGITS)} (one "
+            f"sample per class) and leave >= {len(DIGITS)} of the {len(labels)} samples for train"
+        )
+    if image_size < 1 or shard_size < 1:
+        raise ConfigError(f"digits: image_size ({image_size}) and shard_size must be positive")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "manifest.json").unlink(missing_ok=True)
+
+    splits, train_captions = {}, []
+    for split, rows in split_rows(labels, num_val, num_test, seed).items():
+        split_dir = out_dir / split
+        split_dir.mkdir(exist_ok=True)
+        for stale in split_dir.glob(f"{SHARD_PREFIX}*.tar*"):
+            stale.unlink()
+        sizes = {}
+        for shard, start in enumerate(range(0, len(rows), shard_size)):
+            name = f"{SHARD_PREFIX}{shard:06d}.tar"
+            chunk = rows[start : start + shard_size]
+            captions = _write_shard(split_dir / name, split, chunk, scans, labels, seed, image_size)
+            sizes[name] = len(chunk)
+            if split == "train":
+                train_captions += captions
+        write_json(split_dir / "sizes.json", sizes)
+        splits[split] = {
+            "pattern": f"{split}/{SHARD_PREFIX}{{000000..{len(sizes) - 1:06d}}}.tar",
+            "num_samples": len(rows),
+            "num_shards": len(sizes),
+        }
+    train_tokenizer(train_captions, out_dir / "tokenizer.json", vocab_size=vocab_size)
+
+    manifest = {
+        "name": "digits",
+        "source": "sklearn.datasets.load_digits",
+        "params": _params(num_val, num_test, image_size, shard_size, seed, vocab_size),
+        "splits": splits,
+        "attributes": {key: list(values) for key, values in ATTRIBUTES.items()},
+        "tokenizer": "tokenizer.json",
+    }
+    write_json(out_dir / "manifest.json", manifest)
+    return manifest
+
+
+def _params(
+    num_val: int, num_test: int, image_size: int, shard_size: int, seed: int, vocab_size: int
+) -> dict:
+    """Everything that determines the written bytes."""
+    return {
+        "generator_version": GENERATOR_VERSION,
+        "num_val": num_val,
+        "num_test": num_test,
+        "image_size": image_size,
+        "shard_size": shard_size,
+        "seed": seed,
+        "vocab_size": vocab_size,
+    }
+
+
+def ensure_digits(out_dir: str | Path, **kwargs) -> dict:
+    """Return the existing manifest if it was written with the same parameters, else write.
+
+    Accepts the keyword arguments of ``write_digits``.
+    """
+    out_dir = Path(out_dir)
+    bound = inspect.signature(write_digits).bind(out_dir, **kwargs)
+    bound.apply_defaults()
+    arguments = {k: v for k, v in bound.arguments.items() if k != "out_dir"}
+    return existing_manifest(out_dir, _params(**arguments)) or write_digits(out_dir, **kwargs)

@@ -1,0 +1,68 @@
+"""EmbeddingEvaluator: several captions of one image (COCO's image_id) score as one image."""
+
+import pytest
+import torch
+
+from polymodal.evaluation.evaluator import EmbeddingEvaluator
+from tests.test_retrieval import embeddings_for
+
+# The hand-computed fixture of test_retrieval's multi-caption test: 3 images, 4 captions,
+# caption -> image [0, 0, 1, 2]; i2t ranks [1, 1, 2], t2i ranks [3, 1, 2, 3].
+SCORES = [[0.1, 0.9, 0.5, 0.6], [0.3, 0.2, 0.8, 0.7], [0.2, 0.1, 0.9, 0.4]]
+EXPECTED = {
+    "retrieval/i2t_r1": 2 / 3,
+    "retrieval/i2t_r5": 1.0,
+    "retrieval/t2i_r1": 1 / 4,
+    "retrieval/i2t_median_rank": 1.0,
+    "retrieval/t2i_median_rank": 2.5,
+    "retrieval/i2t_mean_rank": 4 / 3,
+    "retrieval/t2i_mean_rank": 9 / 4,
+}
+
+
+def one_sample_per_caption() -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    """The shard layout `polymodal-data build` writes for COCO: a sample per caption, its
+    image repeated, `image_id` in the json (the last image has none: its own image)."""
+    image_emb, text_emb = embeddings_for(SCORES)
+    image_of_sample = [0, 0, 1, 2]
+    metas = [{"image_id": 7}, {"image_id": 7}, {"image_id": 8}, {}]
+    return image_emb[image_of_sample], text_emb, metas
+
+
+def test_captions_sharing_an_image_id_are_one_image():
+    image, text, metas = one_sample_per_caption()
+    evaluator = EmbeddingEvaluator()
+    evaluator.update(image, text, metas, ["c0", "c1", "c2", "c3"])
+    first, sample_to_image = evaluator.image_groups()
+    assert first.tolist() == [0, 2, 3]
+    assert sample_to_image.tolist() == [0, 0, 1, 2]
+    metrics = evaluator.compute(lambda prompts: torch.zeros(len(prompts), 4))
+    assert {k: metrics[k] for k in EXPECTED} == pytest.approx(EXPECTED)
+    assert evaluator.captions == ["c0", "c1", "c2", "c3"]
+
+
+def test_without_grouping_every_sample_is_its_own_image():
+    image, text, metas = one_sample_per_caption()
+    evaluator = EmbeddingEvaluator(group_by=None)
+    evaluator.update(image, text, metas)
+    metrics = evaluator.compute(lambda prompts: torch.zeros(len(prompts), 4))
+    # image 0 now appears twice, each copy with one positive caption: i2t ranks are
+    # [4, 1, 1, 2] (caption 0 scores lowest for its copy) instead of the grouped [1, 1, 2]
+    assert evaluator.image_groups()[0].tolist() == [0, 1, 2, 3]
+    assert metrics["retrieval/i2t_r1"] == pytest.approx(2 / 4)
+    assert metrics["retrieval/i2t_mean_rank"] == pytest.approx(8 / 4)
+
+
+def test_zero_shot_counts_each_image_once():
+    """Image 7 has two captions but is one image: a wrong prediction on it costs 1/2, not 2/3."""
+    image = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    metas = [{"image_id": 7, "kind": "b"}, {"image_id": 7, "kind": "b"}, {"kind": "b"}]
+    evaluator = EmbeddingEvaluator(templates={"kind": ["{}"]}, classes={"kind": ["a", "b"]})
+    evaluator.update(image, torch.eye(3, 2), metas)
+
+    def encode_text(prompts: list[str]) -> torch.Tensor:
+        return torch.tensor([[1.0, 0.0] if p == "a" else [0.0, 1.0] for p in prompts])
+
+    metrics = evaluator.compute(encode_text)
+    assert metrics["zeroshot/kind_acc"] == pytest.approx(1 / 2)
+    assert evaluator.confusion["kind"].tolist() == [[0, 0], [1, 1]]
