@@ -12,14 +12,19 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from PIL import Image
 
 import polymodal
+from polymodal.data.tario import add_member
 from polymodal.data.tokenizer import TextTokenizer
 from polymodal.data.transforms import image_transform
+from polymodal.evaluate import captioning, zeroshot_retrieval
+from polymodal.evaluation.captioning import caption_scores
 from polymodal.train import train
-from tests.conftest import compose_train
+from polymodal.utils.errors import ConfigError
+from tests.conftest import CONF_DIR, compose_train
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +94,10 @@ def test_load_rejects_a_foreign_checkpoint(tmp_path):
         polymodal.load(path)
 
 
-def test_generate_captions_with_a_decoder_checkpoint(tmp_path, shapes_dir):
+@pytest.fixture(scope="module")
+def captioner(tmp_path_factory, shapes_dir):
+    """Checkpoint of a 1-step run of a model with a caption decoder."""
+    out = tmp_path_factory.mktemp("captioner")
     overrides = [
         "experiment=captioner",
         "logger=csv",
@@ -101,11 +109,82 @@ def test_generate_captions_with_a_decoder_checkpoint(tmp_path, shapes_dir):
         "data.batch_size=8",
         "data.num_workers=0",
     ]
-    train(compose_train(overrides, tmp_path, shapes_dir))
-    model = polymodal.load(next((tmp_path / "checkpoints").glob("best-step*.ckpt")))
+    train(compose_train(overrides, out, shapes_dir))
+    return next((out / "checkpoints").glob("best-step*.ckpt"))
+
+
+def test_generate_captions_with_a_decoder_checkpoint(captioner, shapes_dir):
+    model = polymodal.load(captioner)
     images, _ = val_samples(shapes_dir, 3)
     captions = model.generate(images, strategy="greedy", max_length=8)
     assert len(captions) == 3 and all(isinstance(c, str) for c in captions)
+
+
+def write_coco_style_shard(shapes_dir, out_dir, images: int = 4, captions: int = 3) -> str:
+    """A shard laid out as `polymodal-data build` writes COCO: one sample per caption, the
+    image repeated, `image_id` in the json. Captions are taken from other val samples."""
+    with tarfile.open(next((shapes_dir / "val").glob("*.tar"))) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    keys = sorted({name.split(".")[0] for name in members})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "coco-000000.tar"
+    with tarfile.open(path, "w") as tar:
+        for i, key in enumerate(keys[:images]):
+            meta = {**json.loads(members[f"{key}.json"]), "image_id": 100 + i}
+            for j in range(captions):
+                text = (
+                    members[f"{keys[images + i * captions + j]}.txt"]
+                    if j
+                    else members[f"{key}.txt"]
+                )
+                for ext, data in (("png", members[f"{key}.png"]), ("txt", text)):
+                    add_member(tar, f"img{i}_cap{j}.{ext}", data)
+                add_member(tar, f"img{i}_cap{j}.json", json.dumps(meta).encode())
+    return str(path)
+
+
+def test_eval_scores_coco_style_captions_per_image(captioner, shapes_dir, tmp_path):
+    """4 images x 3 captions: zero-shot and captioning see 4 images, image->text
+    retrieval hits when any of an image's 3 captions is top-ranked."""
+    model = polymodal.load(captioner)
+    shards = write_coco_style_shard(shapes_dir, tmp_path / "coco")
+    spec = {
+        "shards": shards,
+        "manifest": str(shapes_dir / "manifest.json"),
+        "templates": {"shape": ["a {}"]},
+        "media_samples": 2,
+    }
+    metrics = zeroshot_retrieval(model, spec, 5, tmp_path, "coco")
+    assert metrics["samples"] == 12
+    confusion = json.loads((tmp_path / "confusion" / "coco_shape.json").read_text())
+    assert torch.tensor(confusion["matrix"]).sum() == 4  # each image scored once
+
+    data = model.embed_shards(shards)
+    image, text = data["image"][::3], data["text"]  # samples 3i..3i+2 are image i
+    best = (image @ text.T).argmax(dim=1) // 3
+    assert metrics["retrieval/i2t_r1"] == pytest.approx((best == torch.arange(4)).float().mean())
+    csv_rows = (tmp_path / "media" / "retrieval_coco.csv").read_text().splitlines()
+    assert len(csv_rows) == 1 + 2 and (tmp_path / "media" / "confusion_shape_coco.png").exists()
+
+    spec = {"shards": shards, "max_samples": 3, "generation": {"max_length": 6}}
+    metrics = captioning(model, spec, 2, tmp_path, "coco")
+    rows = [json.loads(r) for r in (tmp_path / "captions" / "coco.jsonl").read_text().splitlines()]
+    assert metrics["images"] == 3 and [r["key"] for r in rows] == [
+        "img0_cap0",
+        "img1_cap0",
+        "img2_cap0",
+    ]
+    assert all(len(r["references"]) == 3 for r in rows)
+    generated = {r["key"]: r["generated"] for r in rows}
+    references = {r["key"]: r["references"] for r in rows}
+    assert metrics["bleu4"] == pytest.approx(caption_scores(generated, references)["bleu4"])
+    assert 0.0 <= metrics["attribute_match"] <= 1.0
+
+
+def test_captioning_needs_a_decoder(trained, shapes_dir, tmp_path):
+    model = polymodal.load(trained[0])
+    with pytest.raises(ConfigError, match="eval.benchmarks.caps: kind captioning needs"):
+        captioning(model, {"shards": str(shapes_dir / "val" / "*.tar")}, 8, tmp_path, "caps")
 
 
 def test_embed_cli_writes_embeddings_keys_and_meta(trained, shapes_dir, tmp_path):
@@ -187,3 +266,16 @@ def test_eval_app_runs_every_shapes_benchmark(trained, shapes_dir, tmp_path):
     accuracy = matrix.trace().item() / matrix.sum().item()
     assert accuracy == pytest.approx(metrics["val/zeroshot/shape_acc"])
     assert "evaluation" in out.stdout
+    media = run_dir / "media"
+    assert {p.name for p in media.glob("*_val.*")} == {
+        *(f"confusion_{a}_val.png" for a in ("shape", "color", "size", "position")),
+        "retrieval_val.csv",
+        "retrieval_val.png",
+    }
+
+
+def test_shapes_captioning_eval_adds_captions_to_the_shapes_benchmarks():
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("eval", overrides=["eval=shapes_captioning", "ckpt_path=x"])
+    assert list(cfg.eval.benchmarks) == ["val", "test", "linear_probe", "captions"]
+    assert cfg.eval.benchmarks.captions.kind == "captioning"

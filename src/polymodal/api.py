@@ -6,7 +6,7 @@ Checkpoints written by `polymodal-train` carry the resolved run config and the t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -82,6 +82,30 @@ class Polymodal:
         scale = objectives["itc"].logit_scale.exp() if "itc" in objectives else 100.0
         return (scale * logits).softmax(dim=-1)
 
+    def read_shards(
+        self,
+        shards: str | Sequence[str],
+        skipped: list[str],
+        image_keys: Sequence[str] = IMAGE_KEYS,
+        text_keys: Sequence[str] = TEXT_KEYS,
+    ) -> Iterator[dict]:
+        """Decoded samples {image (preprocessed), text, key, meta} of a shard set, in shard
+        order. Bad samples are skipped (as in training) and their errors appended to
+        `skipped`, so callers can count them."""
+        decoder = SampleDecoder(self.transform, image_keys, text_keys)
+        split_key = KeySplitter(decoder.extensions)
+
+        def skip(exc: Exception) -> bool:
+            skipped.append(str(exc))
+            return True
+
+        for url in expand_shards(shards, "shards"):
+            for raw in tar_samples(url, split_key, skip):
+                try:
+                    yield decoder(raw)
+                except ValueError as exc:
+                    skip(exc)
+
     @torch.no_grad()
     def embed_shards(
         self,
@@ -89,37 +113,28 @@ class Polymodal:
         batch_size: int = 256,
         image_keys: Sequence[str] = IMAGE_KEYS,
         text_keys: Sequence[str] = TEXT_KEYS,
+        keep_images: int = 0,
     ) -> dict:
         """Embeddings of every usable sample of a shard set, in shard order:
-        {keys, image [N, D], text [N, D], meta, skipped}. Bad samples are skipped and
-        counted (as in training)."""
-        decoder = SampleDecoder(self.transform, image_keys, text_keys)
-        split_key = KeySplitter(decoder.extensions)
-        skipped = []
-
-        def skip(exc: Exception) -> bool:
-            skipped.append(str(exc))
-            return True
-
-        keys, metas, images, texts, batch = [], [], [], [], []
+        {keys, image [N, D], text [N, D], captions, meta, skipped, images}. `images` holds
+        the first `keep_images` preprocessed images (for pictures of the results)."""
+        skipped: list[str] = []
+        keys, captions, metas, images, texts, kept, batch = [], [], [], [], [], [], []
 
         def flush() -> None:
             images.append(self.encode_image(torch.stack([s["image"] for s in batch])).cpu())
             texts.append(self.encode_text([s["text"] for s in batch]).cpu())
             batch.clear()
 
-        for url in expand_shards(shards, "shards"):
-            for raw in tar_samples(url, split_key, skip):
-                try:
-                    sample = decoder(raw)
-                except ValueError as exc:
-                    skip(exc)
-                    continue
-                keys.append(sample["key"])
-                metas.append(sample["meta"])
-                batch.append(sample)
-                if len(batch) == batch_size:
-                    flush()
+        for sample in self.read_shards(shards, skipped, image_keys, text_keys):
+            keys.append(sample["key"])
+            captions.append(sample["text"])
+            metas.append(sample["meta"])
+            if len(kept) < keep_images:
+                kept.append(sample["image"])
+            batch.append(sample)
+            if len(batch) == batch_size:
+                flush()
         if batch:
             flush()
         if not keys:
@@ -128,8 +143,10 @@ class Polymodal:
             "keys": keys,
             "image": torch.cat(images),
             "text": torch.cat(texts),
+            "captions": captions,
             "meta": metas,
             "skipped": skipped,
+            "images": torch.stack(kept) if kept else torch.empty(0),
         }
 
     def generate(self, images: Sequence[Image.Image] | Tensor, **kwargs) -> list[str]:

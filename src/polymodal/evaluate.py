@@ -5,9 +5,14 @@
 Each entry of `eval.benchmarks` names a `kind`:
 - `zeroshot_retrieval`: zero-shot top-1/top-5/mean per-class accuracy per labelled
   attribute (`templates`, class names from `classes` or the `manifest`; confusion
-  matrices to `confusion/<name>_<attribute>.json`), and image<->text retrieval, on `shards`;
+  matrices to `confusion/<name>_<attribute>.json` and `media/confusion_<attribute>_<name>.png`),
+  and image<->text retrieval on `shards` (captions sharing a json `group_by` value, COCO's
+  `image_id`, are one image; examples to `media/retrieval_<name>.{csv,png}`);
 - `linear_probe`: logistic regression on frozen image embeddings of `train_shards`,
-  top-1 accuracy on `test_shards`, for each attribute in `labels`.
+  top-1 accuracy on `test_shards`, for each attribute in `labels`;
+- `captioning` (checkpoints with a decoder): BLEU-4 and CIDEr of captions generated for
+  the first `max_samples` images of `shards` against all of each image's captions;
+  every generated caption to `captions/<name>.jsonl`.
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ from omegaconf import DictConfig, OmegaConf
 
 import polymodal
 from polymodal.api import Polymodal
+from polymodal.evaluation.captioning import attribute_match_rate, caption_scores
 from polymodal.evaluation.evaluator import EmbeddingEvaluator
 from polymodal.evaluation.linear_probe import linear_probe
+from polymodal.evaluation.media import retrieval_examples, write_media
 from polymodal.train import CONFIG_DIR
 from polymodal.utils.errors import ConfigError
 from polymodal.utils.report import print_metrics, write_metrics
@@ -35,20 +42,31 @@ def zeroshot_retrieval(
 ) -> dict[str, float]:
     """Zero-shot + retrieval metrics; each attribute's confusion matrix goes to
     `<out_dir>/confusion/<name>_<attribute>.json`."""
-    data = model.embed_shards(spec["shards"], batch_size)
+    retrieval = spec.get("retrieval", True)
+    examples = spec.get("media_samples", 8) if retrieval else 0
+    data = model.embed_shards(spec["shards"], batch_size, keep_images=examples)
     evaluator = EmbeddingEvaluator(
         templates=spec.get("templates"),
         classes=spec.get("classes"),
         phrases=spec.get("phrases"),
         manifest=spec.get("manifest"),
-        retrieval=spec.get("retrieval", True),
+        retrieval=retrieval,
+        group_by=spec.get("group_by", "image_id"),
     )
-    evaluator.update(data["image"], data["text"], data["meta"])
+    evaluator.update(data["image"], data["text"], data["meta"], data["captions"])
     metrics = evaluator.compute(model.encode_text)
     (out_dir / "confusion").mkdir(parents=True, exist_ok=True)
+    confusion = {}
     for attribute, matrix in evaluator.confusion.items():
+        confusion[attribute] = (matrix, evaluator.classes(attribute))
         table = {"classes": evaluator.classes(attribute), "matrix": matrix.tolist()}
         (out_dir / "confusion" / f"{name}_{attribute}.json").write_text(json.dumps(table))
+    pictures = None
+    if examples:
+        pictures = retrieval_examples(
+            data["images"], data["image"], data["text"], data["captions"], data["keys"]
+        )
+    write_media(out_dir / "media", f"_{name}", confusion, pictures)
     metrics["samples"] = float(len(data["keys"]))
     metrics["skipped_samples"] = float(len(data["skipped"]))
     return metrics
@@ -74,7 +92,60 @@ def probe(
     return metrics
 
 
-BENCHMARKS = {"zeroshot_retrieval": zeroshot_retrieval, "linear_probe": probe}
+def captioning(
+    model: Polymodal, spec: Mapping, batch_size: int, out_dir: Path, name: str
+) -> dict[str, float]:
+    """Captions for the first `max_samples` images; references are all captions of an
+    image (samples sharing a `group_by` value), as COCO scores them."""
+    if model.module.backbone.decoder is None:
+        raise ConfigError(
+            f"eval.benchmarks.{name}: kind captioning needs a checkpoint with a caption "
+            "decoder (trained with a caption objective, e.g. experiment=coca)"
+        )
+    max_samples, group_by = spec.get("max_samples", 500), spec.get("group_by", "image_id")
+    images, references, metas, keys, skipped = {}, {}, {}, {}, []
+    for sample in model.read_shards(spec["shards"], skipped):
+        image_id = str(sample["meta"].get(group_by, sample["key"]) if group_by else sample["key"])
+        if image_id not in images and len(images) < max_samples:
+            images[image_id], metas[image_id] = sample["image"], sample["meta"]
+            keys[image_id], references[image_id] = sample["key"], []
+        if image_id in references:
+            references[image_id].append(sample["text"])
+    if not images:
+        raise ValueError(
+            f"eval.benchmarks.{name}.shards: no usable sample ({len(skipped)} skipped)"
+        )
+    ids = list(images)
+    generated = {}
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start : start + batch_size]
+        texts = model.generate(
+            torch.stack([images[i] for i in chunk]), **spec.get("generation", {})
+        )
+        generated.update(zip(chunk, texts, strict=True))
+    scores = caption_scores(generated, references)
+    metrics = {key: scores[key] for key in ("bleu1", "bleu4", "cider")}
+    attributes = spec.get("match_attributes", ["color", "shape"])
+    if attributes and any(all(a in m for a in attributes) for m in metas.values()):
+        captions = [generated[i] for i in ids]
+        metrics["attribute_match"] = attribute_match_rate(
+            captions, [metas[i] for i in ids], attributes
+        )
+    (out_dir / "captions").mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "captions" / f"{name}.jsonl", "w") as file:
+        for i in ids:
+            row = {"key": keys[i], "generated": generated[i], "references": references[i]}
+            file.write(json.dumps(row) + "\n")
+    metrics["images"] = float(len(ids))
+    metrics["skipped_samples"] = float(len(skipped))
+    return metrics
+
+
+BENCHMARKS = {
+    "zeroshot_retrieval": zeroshot_retrieval,
+    "linear_probe": probe,
+    "captioning": captioning,
+}
 
 
 def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
