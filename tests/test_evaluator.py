@@ -66,3 +66,17 @@ def test_zero_shot_counts_each_image_once():
     metrics = evaluator.compute(encode_text)
     assert metrics["zeroshot/kind_acc"] == pytest.approx(1 / 2)
     assert evaluator.confusion["kind"].tolist() == [[0, 0], [1, 1]]
+
+
+def test_class_names_default_to_the_values_in_the_samples_json():
+    """No class list and no manifest: the classes are the attribute's values, sorted."""
+    metas = [{"digit": "seven"}, {"digit": "one"}, {"digit": "seven"}, {}]
+    evaluator = EmbeddingEvaluator(templates={"digit": ["the number {}"]}, retrieval=False)
+    evaluator.update(torch.eye(4, 2), torch.eye(4, 2), metas)
+    assert evaluator.classes("digit") == ["one", "seven"]
+    assert evaluator.labels("digit").tolist() == [1, 0, 1, -1]
+
+    def encode_text(prompts: list[str]) -> torch.Tensor:
+        return torch.tensor([[0.0, 1.0] if "one" in p else [1.0, 0.0] for p in prompts])
+
+    assert evaluator.compute(encode_text)["zeroshot/digit_acc"] == pytest.approx(2 / 3)

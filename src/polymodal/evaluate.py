@@ -78,6 +78,7 @@ def probe(
     train = model.embed_shards(spec["train_shards"], batch_size)
     test = model.embed_shards(spec["test_shards"], batch_size)
     names = EmbeddingEvaluator(classes=spec.get("classes"), manifest=spec.get("manifest"))
+    names.update(train["image"], train["text"], train["meta"])  # classes from json values
     metrics = {}
     for attribute in spec["labels"]:
         index = {name: i for i, name in enumerate(names.classes(attribute))}

@@ -22,10 +22,11 @@ class EmbeddingEvaluator:
     """Zero-shot attribute classification + image/text retrieval on a held-out split.
 
     `templates` maps an attribute (a top-level key of each sample's `{key}.json`) to prompt
-    templates; its class names come from `classes` or, when that is unset, from the
-    `attributes` vocabulary in the dataset's `manifest.json`. Samples whose json lacks the
-    attribute are not scored for it. `phrases` maps a class name to the words put into the
-    templates (e.g. position "left" -> "on the left"); the class name is the default.
+    templates; its class names come from `classes`, else from the `attributes` vocabulary
+    in the dataset's `manifest.json`, else from the values the collected samples hold.
+    Samples whose json lacks the attribute are not scored for it. `phrases` maps a class
+    name to the words put into the templates (e.g. position "left" -> "on the left"); the
+    class name is the default.
     """
 
     def __init__(
@@ -56,6 +57,11 @@ class EmbeddingEvaluator:
     def classes(self, attribute: str) -> list[str]:
         if attribute in self._classes:
             return self._classes[attribute]
+        if self.manifest is None and self._meta:
+            # the values the evaluated samples' json holds, sorted: any labelled shard set
+            # works without a class list
+            values = {m[attribute] for m in self._meta if isinstance(m.get(attribute), str | int)}
+            return sorted(values, key=str)
         if self.manifest is None:
             raise ValueError(f"evaluation.classes.{attribute} is unset and no manifest is given")
         path = Path(self.manifest)
