@@ -245,6 +245,13 @@ def test_rerun_in_the_same_output_dir_resumes_from_last_ckpt(tmp_path, shapes_di
     second = train(compose_train([*base, "trainer.max_steps=7"], tmp_path, shapes_dir))
     assert second["train/global_step"] == 7
     assert logged_steps(tmp_path / "csv" / "metrics.csv") == list(range(7))
+    # last.ckpt holds the final step (7), not only the last periodic save (6), so running
+    # the finished command again trains no step twice
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 7
+    again = train(compose_train([*base, "trainer.max_steps=7"], tmp_path, shapes_dir))
+    assert again["train/global_step"] == 7
+    assert logged_steps(tmp_path / "csv" / "metrics.csv") == list(range(7))
     fresh = compose_train([*base, "trainer.max_steps=2", "auto_resume=false"], tmp_path, shapes_dir)
     assert train(fresh)["train/global_step"] == 2  # auto_resume=false starts over
 

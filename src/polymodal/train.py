@@ -51,6 +51,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from(cfg))
     fit_metrics = trainer.callback_metrics
     facts = {k: float(fit_metrics[k]) for k in RUN_FACTS if k in fit_metrics}
+    # a finished run resumed again trains nothing, and Lightning then skips on_train_end
+    facts.setdefault("train/global_step", float(trainer.global_step))
     if facts.get("dist/ranks_in_sync") == 0.0:
         log.error("ranks ended fit with different weights: distributed training is broken")
     results = trainer.validate(module, datamodule=datamodule, verbose=False)

@@ -12,6 +12,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import wandb
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,19 @@ class Throughput(L.Callback):
         if self.flops_per_sample and peak:
             pl_module.log("train/mfu", per_device * self.flops_per_sample / peak)
         self._start, self._samples, self._steps = time.perf_counter(), 0, 0
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """`last.ckpt` every `every_n_train_steps` and when training ends, so the file always
+    holds the final weights: `polymodal.load` gets the trained model, and rerunning a
+    finished run (auto_resume) resumes at its end instead of redoing the steps after the
+    last periodic save."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        super().on_train_end(trainer, pl_module)
+        if trainer.global_step != self._last_global_step_saved:
+            trainer.save_checkpoint(self.format_checkpoint_name({}))
+            self._last_global_step_saved = trainer.global_step
 
 
 class Preemption(L.Callback):
