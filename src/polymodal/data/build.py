@@ -16,7 +16,6 @@ import csv
 import io
 import json
 import os
-import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -25,7 +24,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from polymodal.data.tario import add_member, write_json
+from polymodal.data.tario import add_sample, atomic_tar, write_json
 from polymodal.data.tokenizer import train_tokenizer
 from polymodal.utils.errors import ConfigError
 
@@ -321,9 +320,8 @@ def _write_shard(
 ) -> dict:
     """Write one shard (temp file + rename); returns its record for `.build/` and sizes."""
     name = f"{prefix}-{index:06d}.tar"
-    tmp = out / f"{name}.tmp"
     accepted, samples, skipped, captions = [], 0, [], []
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+    with atomic_tar(out / name) as tar:
         for row, result in processed:
             if not isinstance(result, SkippedRow) and row.key in seen_keys:
                 result = SkippedRow("duplicate_key", f"key {row.key!r} appeared before")
@@ -343,13 +341,9 @@ def _write_shard(
             seen_keys.add(row.key)
             accepted.append(row.key)
             for key, extension, media, caption, meta in result:
-                add_member(tar, f"{key}.{extension}", media)
-                add_member(tar, f"{key}.txt", caption.encode("utf-8"))
-                text = json.dumps(meta, sort_keys=True, default=str)
-                add_member(tar, f"{key}.json", text.encode())
+                add_sample(tar, key, extension, media, caption, meta)
                 samples += 1
                 captions.append(caption)
-    os.replace(tmp, out / name)
     size = (out / name).stat().st_size
     return {
         "name": name,

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import inspect
 import io
-import json
-import os
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +19,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from polymodal.data.shapes import existing_manifest
-from polymodal.data.tario import add_member, write_json
+from polymodal.data.tario import add_sample, atomic_tar, write_json
 from polymodal.data.tokenizer import train_tokenizer
 from polymodal.utils.errors import ConfigError
 
@@ -77,8 +74,7 @@ def _write_shard(
 ) -> list[str]:
     """Write one shard atomically (tmp file + rename) and return its captions."""
     captions = []
-    tmp = path.with_name(path.name + ".tmp")
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+    with atomic_tar(path) as tar:
         for row in rows.tolist():
             label = int(labels[row])
             # seeded per row, so a caption does not depend on the split or the sharding
@@ -86,12 +82,8 @@ def _write_shard(
             png = io.BytesIO()
             digit_image(scans[row], image_size).save(png, format="PNG")
             meta = {"digit": DIGITS[label], "label": label, "index": row, "template": template}
-            key = f"{split}_{row:04d}"
-            add_member(tar, f"{key}.png", png.getvalue())
-            add_member(tar, f"{key}.txt", text.encode("utf-8"))
-            add_member(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+            add_sample(tar, f"{split}_{row:04d}", "png", png.getvalue(), text, meta)
             captions.append(text)
-    os.replace(tmp, path)
     return captions
 
 

@@ -16,14 +16,13 @@ import multiprocessing
 import os
 import re
 import sys
-import tarfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from polymodal.data.tario import add_member, write_json
+from polymodal.data.tario import add_sample, atomic_tar, write_json
 from polymodal.data.tokenizer import train_tokenizer
 
 GENERATOR_VERSION = 1
@@ -329,16 +328,12 @@ def _write_shard(
 ) -> list[str]:
     """Write one shard atomically (tmp file + rename) and return its captions."""
     captions = []
-    tmp = path.with_name(path.name + ".tmp")
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+    with atomic_tar(path) as tar:
         for index in range(start, start + count):
             image, caption, attributes = render_sample(_sample_rng(seed, split, index), image_size)
-            key = f"{split}_{index:08d}"
-            add_member(tar, f"{key}.{image_format}", _encode_image(image, image_format))
-            add_member(tar, f"{key}.txt", caption.encode("utf-8"))
-            add_member(tar, f"{key}.json", json.dumps(attributes, sort_keys=True).encode())
+            media = _encode_image(image, image_format)
+            add_sample(tar, f"{split}_{index:08d}", image_format, media, caption, attributes)
             captions.append(caption)
-    os.replace(tmp, path)
     return captions
 
 

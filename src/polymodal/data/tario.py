@@ -6,6 +6,8 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -18,6 +20,25 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     tar.addfile(info, io.BytesIO(data))
+
+
+def add_sample(
+    tar: tarfile.TarFile, key: str, extension: str, media: bytes, caption: str, meta: dict
+) -> None:
+    """One webdataset sample: `{key}.{extension}` (image/audio), `{key}.txt`, `{key}.json`."""
+    add_member(tar, f"{key}.{extension}", media)
+    add_member(tar, f"{key}.txt", caption.encode("utf-8"))
+    add_member(tar, f"{key}.json", json.dumps(meta, sort_keys=True, default=str).encode())
+
+
+@contextmanager
+def atomic_tar(path: Path) -> Iterator[tarfile.TarFile]:
+    """A tar written to `<path>.tmp` and renamed to `path` once complete, so readers never
+    see a partial shard."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        yield tar
+    os.replace(tmp, path)
 
 
 def write_json(path: Path, data: dict | list) -> None:
