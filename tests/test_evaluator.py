@@ -1,9 +1,13 @@
 """EmbeddingEvaluator: several captions of one image (COCO's image_id) score as one image."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
 from polymodal.evaluation.evaluator import EmbeddingEvaluator
+from tests.helpers import init_gloo, run_ranks
 from tests.test_retrieval import embeddings_for
 
 # The hand-computed fixture of test_retrieval's multi-caption test: 3 images, 4 captions,
@@ -80,3 +84,34 @@ def test_class_names_default_to_the_values_in_the_samples_json():
         return torch.tensor([[0.0, 1.0] if "one" in p else [1.0, 0.0] for p in prompts])
 
     assert evaluator.compute(encode_text)["zeroshot/digit_acc"] == pytest.approx(2 / 3)
+
+
+def _gather_on_rank(rank: int, world: int, port: int, out_dir: str) -> None:
+    init_gloo(rank, world, port)
+    evaluator = EmbeddingEvaluator(retrieval=False)
+    count = rank + 1  # uneven shares: rank 0 one sample, rank 1 two
+    evaluator.update(
+        torch.full((count, 2), float(rank)),
+        torch.full((count, 2), float(rank)),
+        [{"rank": rank, "i": i} for i in range(count)],
+        [f"caption {rank}.{i}" for i in range(count)],
+    )
+    evaluator.gather()
+    image, _ = evaluator.embeddings()
+    result = {
+        "image": image[:, 0].tolist(),
+        "meta": evaluator._meta,
+        "captions": evaluator.captions,
+    }
+    Path(out_dir, f"{rank}.json").write_text(json.dumps(result))
+
+
+def test_gather_joins_every_ranks_samples_in_rank_order(tmp_path):
+    run_ranks(_gather_on_rank, 2, str(tmp_path))
+    expected = {
+        "image": [0.0, 1.0, 1.0],
+        "meta": [{"rank": 0, "i": 0}, {"rank": 1, "i": 0}, {"rank": 1, "i": 1}],
+        "captions": ["caption 0.0", "caption 1.0", "caption 1.1"],
+    }
+    for rank in range(2):
+        assert json.loads((tmp_path / f"{rank}.json").read_text()) == expected

@@ -94,10 +94,9 @@ class EmbeddingEvaluator:
             return
         image, text = (gather_variable(t.to(device)).cpu() for t in self.embeddings())
         self._image, self._text = [image], [text]
-        self._meta, self._captions = zip(
-            *gather_objects(list(zip(self._meta, self._captions, strict=True))), strict=True
-        )
-        self._meta, self._captions = list(self._meta), list(self._captions)
+        pairs = gather_objects(list(zip(self._meta, self._captions, strict=True)))
+        self._meta = [meta for meta, _ in pairs]
+        self._captions = [caption for _, caption in pairs]
 
     def embeddings(self) -> tuple[Tensor, Tensor]:
         """All (image, text) embeddings collected since the last reset."""
