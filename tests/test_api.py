@@ -20,7 +20,7 @@ import polymodal
 from polymodal.data.tario import add_member
 from polymodal.data.tokenizer import TextTokenizer
 from polymodal.data.transforms import image_transform
-from polymodal.evaluate import captioning, zeroshot_retrieval
+from polymodal.evaluate import captioning, probe, zeroshot_retrieval
 from polymodal.evaluation.captioning import caption_scores
 from polymodal.train import train
 from polymodal.utils.errors import ConfigError
@@ -279,3 +279,18 @@ def test_shapes_captioning_eval_adds_captions_to_the_shapes_benchmarks():
         cfg = compose("eval", overrides=["eval=shapes_captioning", "ckpt_path=x"])
     assert list(cfg.eval.benchmarks) == ["val", "test", "linear_probe", "captions"]
     assert cfg.eval.benchmarks.captions.kind == "captioning"
+
+
+def test_linear_probe_takes_class_names_from_the_json_when_no_manifest(trained, shapes_dir):
+    """Class order differs (sorted values vs manifest order); the probe's accuracy does not."""
+    model = polymodal.load(trained[0])
+    spec = {
+        "train_shards": str(shapes_dir / "val" / "*.tar"),
+        "test_shards": str(shapes_dir / "test" / "*.tar"),
+        "labels": ["color", "size"],
+    }
+    from_json = probe(model, spec, 64, shapes_dir, "probe")
+    from_manifest = probe(
+        model, {**spec, "manifest": str(shapes_dir / "manifest.json")}, 64, shapes_dir, "probe"
+    )
+    assert from_json == pytest.approx(from_manifest, abs=1e-6)

@@ -4,7 +4,8 @@
 
 Each entry of `eval.benchmarks` names a `kind`:
 - `zeroshot_retrieval`: zero-shot top-1/top-5/mean per-class accuracy per labelled
-  attribute (`templates`, class names from `classes` or the `manifest`; confusion
+  attribute (`templates`; class names from `classes`, the `manifest`, or the values in
+  the samples' json; confusion
   matrices to `confusion/<name>_<attribute>.json` and `media/confusion_<attribute>_<name>.png`),
   and image<->text retrieval on `shards` (captions sharing a json `group_by` value, COCO's
   `image_id`, are one image; examples to `media/retrieval_<name>.{csv,png}`);
@@ -77,17 +78,19 @@ def probe(
 ) -> dict[str, float]:
     train = model.embed_shards(spec["train_shards"], batch_size)
     test = model.embed_shards(spec["test_shards"], batch_size)
-    names = EmbeddingEvaluator(classes=spec.get("classes"), manifest=spec.get("manifest"))
-    names.update(train["image"], train["text"], train["meta"])  # classes from json values
+    # class names from `classes`, the manifest, or the train split's json values
+    train_labels = EmbeddingEvaluator(classes=spec.get("classes"), manifest=spec.get("manifest"))
+    train_labels.update(train["image"], train["text"], train["meta"])
+    classes = {attribute: train_labels.classes(attribute) for attribute in spec["labels"]}
+    test_labels = EmbeddingEvaluator(classes=classes)
+    test_labels.update(test["image"], test["text"], test["meta"])
     metrics = {}
     for attribute in spec["labels"]:
-        index = {name: i for i, name in enumerate(names.classes(attribute))}
-
-        def labels(metas: list[dict], attribute: str = attribute, index: dict = index):
-            return torch.tensor([index.get(m.get(attribute), -1) for m in metas])
-
         result = linear_probe(
-            train["image"], labels(train["meta"]), test["image"], labels(test["meta"])
+            train["image"],
+            train_labels.labels(attribute),
+            test["image"],
+            test_labels.labels(attribute),
         )
         metrics[f"{attribute}_acc"] = result["acc"]
     return metrics
