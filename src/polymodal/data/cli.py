@@ -15,64 +15,56 @@ from polymodal.data.shapes import ensure_shapes, write_shapes
 from polymodal.utils.errors import ConfigError
 
 
-def _add_shapes_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "shapes", help="render the procedural shapes image-caption dataset as webdataset shards"
-    )
+def _add_builtin_arguments(
+    parser: argparse.ArgumentParser, val: int, test: int, image_size: int, shard_size: int
+) -> None:
+    """The options every built-in dataset takes (their defaults differ)."""
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--train", type=int, default=50_000, help="training samples")
-    parser.add_argument("--val", type=int, default=1_000, help="validation samples")
-    parser.add_argument("--test", type=int, default=1_000, help="test samples")
-    parser.add_argument("--image-size", type=int, default=64, help="image side in pixels")
-    parser.add_argument("--shard-size", type=int, default=5_000, help="samples per shard")
+    parser.add_argument("--val", type=int, default=val, help="validation samples")
+    parser.add_argument("--test", type=int, default=test, help="test samples")
+    parser.add_argument("--image-size", type=int, default=image_size, help="image side in pixels")
+    parser.add_argument("--shard-size", type=int, default=shard_size, help="samples per shard")
     parser.add_argument("--seed", type=int, default=0, help="generation seed")
-    parser.add_argument("--format", choices=("png", "jpg"), default="png", help="image encoding")
-    parser.add_argument("--vocab-size", type=int, default=1000, help="BPE tokenizer vocab size")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: <= 2)")
-    parser.add_argument(
-        "--force", action="store_true", help="regenerate even if an identical dataset exists"
-    )
-    parser.set_defaults(func=_run_shapes)
-
-
-def _run_shapes(args: argparse.Namespace) -> int:
-    generate = write_shapes if args.force else ensure_shapes
-    start = time.perf_counter()
-    manifest = generate(
-        args.out,
-        num_train=args.train,
-        num_val=args.val,
-        num_test=args.test,
-        image_size=args.image_size,
-        shard_size=args.shard_size,
-        seed=args.seed,
-        image_format=args.format,
-        vocab_size=args.vocab_size,
-        workers=args.workers,
-    )
-    _print_summary(manifest, args.out, time.perf_counter() - start)
-    return 0
-
-
-def _add_digits_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "digits", help="write scikit-learn's bundled handwritten digits as webdataset shards"
-    )
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--val", type=int, default=250, help="validation samples")
-    parser.add_argument("--test", type=int, default=250, help="test samples (train: the rest)")
-    parser.add_argument("--image-size", type=int, default=32, help="image side in pixels")
-    parser.add_argument("--shard-size", type=int, default=500, help="samples per shard")
-    parser.add_argument("--seed", type=int, default=0, help="split and caption seed")
     parser.add_argument("--vocab-size", type=int, default=1000, help="BPE tokenizer vocab size")
     parser.add_argument(
         "--force", action="store_true", help="rewrite even if an identical dataset exists"
     )
-    parser.set_defaults(func=_run_digits)
 
 
-def _run_digits(args: argparse.Namespace) -> int:
-    generate = write_digits if args.force else ensure_digits
+def _add_shapes_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "shapes", help="render the procedural shapes image-caption dataset as webdataset shards"
+    )
+    _add_builtin_arguments(parser, val=1_000, test=1_000, image_size=64, shard_size=5_000)
+    parser.add_argument("--train", type=int, default=50_000, help="training samples")
+    parser.add_argument("--format", choices=("png", "jpg"), default="png", help="image encoding")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: <= 2)")
+    parser.set_defaults(
+        func=_run_builtin,
+        write=write_shapes,
+        ensure=ensure_shapes,
+        extra=lambda args: {
+            "num_train": args.train,
+            "image_format": args.format,
+            "workers": args.workers,
+        },
+    )
+
+
+def _add_digits_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "digits",
+        help="write scikit-learn's bundled handwritten digits as webdataset shards "
+        "(train: the samples not in val or test)",
+    )
+    _add_builtin_arguments(parser, val=250, test=250, image_size=32, shard_size=500)
+    parser.set_defaults(
+        func=_run_builtin, write=write_digits, ensure=ensure_digits, extra=lambda args: {}
+    )
+
+
+def _run_builtin(args: argparse.Namespace) -> int:
+    generate = args.write if args.force else args.ensure
     start = time.perf_counter()
     manifest = generate(
         args.out,
@@ -82,6 +74,7 @@ def _run_digits(args: argparse.Namespace) -> int:
         shard_size=args.shard_size,
         seed=args.seed,
         vocab_size=args.vocab_size,
+        **args.extra(args),
     )
     _print_summary(manifest, args.out, time.perf_counter() - start)
     return 0
