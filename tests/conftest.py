@@ -10,6 +10,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 from polymodal.data.shapes import write_shapes
+from polymodal.train import train
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -51,3 +52,23 @@ def compose_train(overrides: list[str], output_dir: Path, shapes_dir: Path) -> D
     with open_dict(cfg):
         cfg.data.prepare = None  # the fixture already wrote the data
     return cfg
+
+
+def train_tiny(
+    output_dir: Path, shapes_dir: Path, *overrides: str, steps: int = 2
+) -> tuple[Path, DictConfig]:
+    """A `steps`-step run with checkpoints and CSV logs (one val batch); returns its
+    last.ckpt, which carries the run config and tokenizer, and the composed config."""
+    base = [
+        "logger=csv",
+        "callbacks=default",
+        "~callbacks.rich_progress_bar",
+        f"trainer.max_steps={steps}",
+        f"trainer.val_check_interval={steps}",
+        "+trainer.limit_val_batches=1",
+        "data.batch_size=16",
+        "data.num_workers=0",
+    ]
+    cfg = compose_train([*base, *overrides], output_dir, shapes_dir)
+    train(cfg)
+    return output_dir / "checkpoints" / "last.ckpt", cfg

@@ -22,28 +22,14 @@ from polymodal.data.tokenizer import TextTokenizer
 from polymodal.data.transforms import image_transform
 from polymodal.evaluate import captioning, probe, zeroshot_retrieval
 from polymodal.evaluation.captioning import caption_scores
-from polymodal.train import train
 from polymodal.utils.errors import ConfigError
-from tests.conftest import CONF_DIR, compose_train
+from tests.conftest import CONF_DIR, train_tiny
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, shapes_dir):
-    """(checkpoint path, composed config) of a 2-step CLIP run."""
-    out = tmp_path_factory.mktemp("run")
-    overrides = [
-        "logger=csv",
-        "callbacks=default",
-        "~callbacks.rich_progress_bar",
-        "trainer.max_steps=2",
-        "trainer.val_check_interval=2",
-        "+trainer.limit_val_batches=1",
-        "data.batch_size=16",
-        "data.num_workers=0",
-    ]
-    cfg = compose_train(overrides, out, shapes_dir)
-    train(cfg)
-    return next((out / "checkpoints").glob("best-step*.ckpt")), cfg
+    """(last.ckpt, composed config) of a 2-step CLIP run."""
+    return train_tiny(tmp_path_factory.mktemp("run"), shapes_dir)
 
 
 def val_samples(shapes_dir, count: int = 6) -> tuple[list[Image.Image], list[str]]:
@@ -96,21 +82,9 @@ def test_load_rejects_a_foreign_checkpoint(tmp_path):
 
 @pytest.fixture(scope="module")
 def captioner(tmp_path_factory, shapes_dir):
-    """Checkpoint of a 1-step run of a model with a caption decoder."""
+    """last.ckpt of a 1-step run of a model with a caption decoder."""
     out = tmp_path_factory.mktemp("captioner")
-    overrides = [
-        "experiment=captioner",
-        "logger=csv",
-        "callbacks=default",
-        "~callbacks.rich_progress_bar",
-        "trainer.max_steps=1",
-        "trainer.val_check_interval=1",
-        "+trainer.limit_val_batches=1",
-        "data.batch_size=8",
-        "data.num_workers=0",
-    ]
-    train(compose_train(overrides, out, shapes_dir))
-    return next((out / "checkpoints").glob("best-step*.ckpt"))
+    return train_tiny(out, shapes_dir, "experiment=captioner", "data.batch_size=8", steps=1)[0]
 
 
 def test_generate_captions_with_a_decoder_checkpoint(captioner, shapes_dir):

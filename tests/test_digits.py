@@ -172,7 +172,6 @@ def test_training_and_eval_smoke(tmp_path: Path, digits32: Path) -> None:
         "~callbacks.rich_progress_bar",
         "trainer.max_steps=3",
         "trainer.val_check_interval=3",
-        "callbacks.last_checkpoint.every_n_train_steps=3",
         "+trainer.limit_val_batches=1",
         "data.val_batch_size=50",
         "data.num_workers=0",

@@ -9,8 +9,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from polymodal.train import train
-from tests.conftest import compose_train
+from tests.conftest import train_tiny
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
@@ -24,21 +23,7 @@ PICTURE_CELLS = {
 @pytest.fixture(scope="module")
 def coca_checkpoint(tmp_path_factory, shapes_dir) -> Path:
     """last.ckpt of a 2-step CoCa run: contrastive + captioning, so it has a decoder."""
-    out = tmp_path_factory.mktemp("coca")
-    overrides = [
-        "experiment=coca",
-        "logger=csv",
-        "callbacks=default",
-        "~callbacks.rich_progress_bar",
-        "callbacks.last_checkpoint.every_n_train_steps=2",
-        "trainer.max_steps=2",
-        "trainer.val_check_interval=2",
-        "+trainer.limit_val_batches=1",
-        "data.batch_size=16",
-        "data.num_workers=0",
-    ]
-    train(compose_train(overrides, out, shapes_dir))
-    return out / "checkpoints" / "last.ckpt"
+    return train_tiny(tmp_path_factory.mktemp("coca"), shapes_dir, "experiment=coca")[0]
 
 
 @pytest.fixture

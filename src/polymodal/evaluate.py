@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 import polymodal
 from polymodal.api import Polymodal
 from polymodal.evaluation.captioning import attribute_match_rate, caption_scores
-from polymodal.evaluation.evaluator import EmbeddingEvaluator
+from polymodal.evaluation.evaluator import EmbeddingEvaluator, image_of
 from polymodal.evaluation.linear_probe import linear_probe
 from polymodal.evaluation.media import retrieval_examples, write_media
 from polymodal.train import CONFIG_DIR
@@ -109,7 +109,7 @@ def captioning(
     max_samples, group_by = spec.get("max_samples", 500), spec.get("group_by", "image_id")
     images, references, metas, keys, skipped = {}, {}, {}, {}, []
     for sample in model.read_shards(spec["shards"], skipped):
-        image_id = str(sample["meta"].get(group_by, sample["key"]) if group_by else sample["key"])
+        image_id = image_of(sample["meta"], group_by, sample["key"])
         if image_id not in images and len(images) < max_samples:
             images[image_id], metas[image_id] = sample["image"], sample["meta"]
             keys[image_id], references[image_id] = sample["key"], []

@@ -18,6 +18,13 @@ from polymodal.evaluation.zeroshot import (
 from polymodal.utils.distributed import gather_objects, gather_variable, rank_and_world
 
 
+def image_of(meta: Mapping, group_by: str | None, sample: object) -> tuple:
+    """Which image a sample shows: its json `group_by` value (COCO's `image_id`) when it
+    has one, else the sample itself (`sample`: its index or key)."""
+    group = meta.get(group_by) if group_by else None
+    return ("sample", sample) if group is None else ("group", str(group))
+
+
 class EmbeddingEvaluator:
     """Zero-shot attribute classification + image/text retrieval on a held-out split.
 
@@ -113,15 +120,14 @@ class EmbeddingEvaluator:
         Samples with equal `group_by` values share an image; a sample without the field is
         an image of its own."""
         first: list[int] = []
-        image_of: dict[tuple, int] = {}
+        image_index: dict[tuple, int] = {}
         sample_to_image = []
         for i, meta in enumerate(self._meta):
-            group = meta.get(self.group_by) if self.group_by else None
-            key = ("sample", i) if group is None else ("group", str(group))
-            if key not in image_of:
-                image_of[key] = len(first)
+            key = image_of(meta, self.group_by, i)
+            if key not in image_index:
+                image_index[key] = len(first)
                 first.append(i)
-            sample_to_image.append(image_of[key])
+            sample_to_image.append(image_index[key])
         return torch.tensor(first), torch.tensor(sample_to_image)
 
     def labels(self, attribute: str, samples: Tensor | None = None) -> Tensor:
