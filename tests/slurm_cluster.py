@@ -114,7 +114,18 @@ class SlurmCluster:
     def logs(self) -> str:
         return "\n".join(p.read_text()[-2000:] for p in sorted((self.root / "log").glob("*.log")))
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 60) -> None:
+        """Cancel what is left and wait until the queue is empty (a finished job stays
+        COMPLETING until its srun and slurmstepd are done; killing the daemons before that
+        leaves them waiting forever), then stop the daemons."""
+        jobs = self.run("squeue", "-h", "-o", "%i", check=False).split()
+        if jobs:
+            self.run("scancel", *jobs, check=False)
+        deadline = time.monotonic() + timeout
+        while self.run("squeue", "-h", "-o", "%i", check=False).strip():
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         pid_files = [self.root / "slurmd.pid", self.root / "slurmctld.pid"]
         pid_files.append(self.root / "munge" / "munged.pid")
         for pid_file in pid_files:
