@@ -52,7 +52,7 @@ def test_load_reproduces_the_training_modules_embeddings(trained, shapes_dir):
 
     # the module as training built it, with the weights of the same checkpoint
     module = instantiate(cfg.task, backbone=instantiate(cfg.model)).eval()
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     module.load_state_dict(state)
     tokenizer = TextTokenizer(cfg.data.tokenizer, cfg.data.context_length)
     transform = image_transform(cfg.data.image_size, train=False)
@@ -183,7 +183,7 @@ def test_embed_cli_writes_embeddings_keys_and_meta(trained, shapes_dir, tmp_path
     assert out.returncode == 0, out.stderr[-2000:]
     image = np.load(tmp_path / "emb" / "image_embeddings.npy")
     text = np.load(tmp_path / "emb" / "text_embeddings.npy")
-    keys = (tmp_path / "emb" / "keys.txt").read_text().split()
+    keys = [json.loads(k) for k in (tmp_path / "emb" / "keys.txt").read_text().splitlines()]
     metas = [
         json.loads(line) for line in (tmp_path / "emb" / "meta.jsonl").read_text().splitlines()
     ]

@@ -26,6 +26,8 @@ from polymodal.data.tokenizer import TextTokenizer
 from polymodal.data.transforms import image_transform
 from polymodal.evaluation.zeroshot import build_zeroshot_classifier
 from polymodal.tasks.pretrain import PretrainModule
+from polymodal.utils.checkpoint import check_targets, read_checkpoint
+from polymodal.utils.errors import ConfigError
 
 
 class Polymodal:
@@ -155,12 +157,29 @@ class Polymodal:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> Polymodal:
-    """Rebuild the model of a `polymodal-train` checkpoint (no config files needed)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    """Rebuild the model of a `polymodal-train` checkpoint (no config files needed).
+
+    Safe for a file from elsewhere: it is unpickled with weights_only, and the model and
+    task configs it carries are checked (every `_target_`) before anything is built, so
+    opening it runs no code of its choosing; a refused file raises a one-line ConfigError.
+    """
+    checkpoint = read_checkpoint(path)
     stored = checkpoint.get("polymodal")
-    if stored is None:
-        raise ValueError(f"{path}: not a polymodal checkpoint (no 'polymodal' entry)")
+    if not isinstance(stored, dict):
+        raise ConfigError(f"{path}: not a polymodal checkpoint (no 'polymodal' entry)")
+    missing = [k for k in ("config", "tokenizer") if k not in stored]
+    missing += [
+        f"config.{k}" for k in ("model", "task", "data") if k not in stored.get("config", {})
+    ]
+    missing += ["state_dict"] if "state_dict" not in checkpoint else []
+    if missing:
+        raise ConfigError(f"{path}: not a complete polymodal checkpoint (no {', '.join(missing)})")
     config = stored["config"]
+    try:
+        for field in ("model", "task"):
+            check_targets(config[field], field)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
     backbone = instantiate(config["model"])
     module = instantiate(config["task"], backbone=backbone)
     tokenizer = TextTokenizer.from_state(stored["tokenizer"])

@@ -3,7 +3,10 @@
     polymodal-embed ckpt_path=runs/.../last.ckpt shards='data/val/*.tar' out_dir=emb/
 
 Writes `image_embeddings.npy`, `text_embeddings.npy` (float32 [N, D], L2-normalised),
-`keys.txt` (one sample key per line, same order) and `meta.jsonl`.
+`keys.txt` and `meta.jsonl`, all in the same sample order. `keys.txt` holds one sample
+key per line as a JSON string (ASCII; quotes, backslashes, newlines and non-ASCII
+characters escaped), since a key is a tar member name and may hold any of them:
+    keys = [json.loads(line) for line in open("keys.txt")]
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ def embed(cfg: DictConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "image_embeddings.npy", result["image"].float().numpy())
     np.save(out / "text_embeddings.npy", result["text"].float().numpy())
-    (out / "keys.txt").write_text("".join(f"{key}\n" for key in result["keys"]))
+    (out / "keys.txt").write_text("".join(json.dumps(key) + "\n" for key in result["keys"]))
     with open(out / "meta.jsonl", "w") as f:
         f.writelines(json.dumps(meta, sort_keys=True) + "\n" for meta in result["meta"])
     return {

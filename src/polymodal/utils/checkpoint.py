@@ -1,0 +1,119 @@
+"""Opening a checkpoint without running code from it.
+
+A checkpoint is a pickle, and `polymodal.load` builds the model from the config stored
+in it, so a file from elsewhere could run code twice over: through a pickled object, and
+through a `_target_` that hydra's `instantiate` imports and calls (`webdataset.gopen` with
+a `pipe:` URL runs a shell command). `read_checkpoint` unpickles tensors and plain
+containers only; `check_targets` refuses every `_target_` but polymodal's nn.Module classes
+and torch's optimizers and LR schedulers before anything is called (or imported, but for
+polymodal's own modules).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from polymodal.utils.errors import ConfigError
+
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+_PLAIN = "polymodal checkpoints hold tensors and plain containers only"
+_INTERPOLATION = "an interpolation, which could build an unchecked _target_"
+_ALLOWED = "allowed: polymodal nn.Module classes, torch.optim optimizers and LR schedulers"
+
+
+def _one_line(text: str, limit: int = 160) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The checkpoint at `path`, unpickled with torch's weights_only (a pickled object
+    cannot run code) and memory-mapped (optimizer state is never read into memory).
+    Every failure is a one-line ConfigError naming the file."""
+    try:
+        with open(path, "rb") as file:
+            archive = zipfile.is_zipfile(file)
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the checkpoint ({err.strerror})") from None
+    if not archive:  # torch.save writes a zip; a truncated one has lost its directory
+        raise ConfigError(f"{path}: truncated or not a checkpoint (not a torch zip archive)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:  # what the weights-only unpickler refuses
+        found = _GLOBAL.search(str(err))
+        what = (
+            f"needs code to load (unpickling GLOBAL {found[1]!r} is not allowed)"
+            if found
+            else "is not plain data"
+        )
+        raise ConfigError(f"{path}: refused: the file {what}; {_PLAIN}") from None
+    except Exception as err:  # torch reports damaged archives as RuntimeError, EOFError, ...
+        reason = _one_line(str(err)) or type(err).__name__
+        raise ConfigError(f"{path}: truncated or not a checkpoint ({reason})") from None
+    if not isinstance(checkpoint, dict):
+        raise ConfigError(f"{path}: not a checkpoint (holds a {type(checkpoint).__name__})")
+    return checkpoint
+
+
+def _torch_classes(module: Any, base: type) -> frozenset[str]:
+    return frozenset(
+        f"{module.__name__}.{name}"
+        for name, value in vars(module).items()
+        if isinstance(value, type) and issubclass(value, base)
+    )
+
+
+TORCH_TARGETS = _torch_classes(torch.optim, torch.optim.Optimizer) | _torch_classes(
+    torch.optim.lr_scheduler, torch.optim.lr_scheduler.LRScheduler
+)
+
+
+def allowed_target(target: str) -> bool:
+    """Whether `target` names a torch optimizer or LR scheduler, or an nn.Module class of
+    polymodal. Only `polymodal.` module paths are imported to look (polymodal's own code);
+    the object itself must be a polymodal class, since a module path also reaches what
+    the module imported (`polymodal.api.torch.load`), and polymodal's functions and
+    non-module classes write files (data writers, checkpoint callbacks)."""
+    if target in TORCH_TARGETS:
+        return True
+    module_name, _, name = target.rpartition(".")
+    if not module_name.startswith("polymodal."):
+        return False
+    try:
+        value = getattr(importlib.import_module(module_name), name, None)
+    except ImportError:
+        return False
+    return (
+        isinstance(value, type)
+        and issubclass(value, nn.Module)
+        and value.__module__.startswith("polymodal.")
+    )
+
+
+def check_targets(cfg: Any, field: str) -> None:
+    """Raise a ConfigError naming the key path of the first refused `_target_` in a plain
+    dict/list config tree (nested dicts, lists and `_args_` included), before anything
+    is built. `${...}` interpolations are refused too: instantiate resolves them, so one
+    (`${oc.create:...}`) could produce a `_target_` this check never saw."""
+    if isinstance(cfg, dict):
+        if "_target_" in cfg:
+            target = cfg["_target_"]
+            if not (isinstance(target, str) and allowed_target(target)):
+                raise ConfigError(
+                    f"{field}._target_: {_one_line(repr(target))} is refused ({_ALLOWED})"
+                )
+        for key, value in cfg.items():
+            check_targets(value, f"{field}.{key}")
+    elif isinstance(cfg, list | tuple):
+        for index, item in enumerate(cfg):
+            check_targets(item, f"{field}[{index}]")
+    elif isinstance(cfg, str) and "${" in cfg:
+        raise ConfigError(f"{field}: {_one_line(repr(cfg))} is refused ({_INTERPOLATION})")
