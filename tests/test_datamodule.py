@@ -43,7 +43,7 @@ def test_batches_have_the_documented_fields(shapes_dir):
     assert batch["text_ids"].shape == batch["text_mask"].shape == (8, 16)
     assert batch["text_ids"].dtype == torch.long and batch["text_mask"].dtype == torch.bool
     assert len(batch["text"]) == len(batch["key"]) == len(batch["meta"]) == 8
-    assert batch["skipped"] == 0
+    assert batch["skipped"] == {}
 
 
 UNEVEN = [37, 101, 64, 9, 50, 120, 3, 128]  # 512 samples in 8 shards of uneven size
@@ -106,7 +106,7 @@ def test_short_reader_repeats_samples_to_keep_its_batch_count(shapes_dir, tmp_pa
     batches = list(dataset)
     assert [len(b["key"]) for b in batches] == [32] * 4
     keys = keys_of(batches)
-    assert len(set(keys)) == 127 and sum(b["skipped"] for b in batches) == 1
+    assert len(set(keys)) == 127 and sum(sum(b["skipped"].values()) for b in batches) == 1
 
 
 def test_shuffle_is_seeded(shapes_dir):
@@ -148,7 +148,7 @@ def test_corrupt_sample_is_skipped_and_counted(shapes_dir, tmp_path):
     keys = keys_of(batches)
     assert bad_key not in keys
     assert len(keys) == 127
-    assert sum(b["skipped"] for b in batches) == 1
+    assert sum(sum(b["skipped"].values()) for b in batches) == 1
 
 
 def test_strict_mode_fails_naming_shard_and_key(shapes_dir, tmp_path):
@@ -238,7 +238,7 @@ def test_bad_shards_are_skipped_and_counted_while_training_reads_the_rest(
         batches = list(data.train_dataloader())
     assert len(batches) == 4 * 128 // 32  # every rank step still happens
     skips = [r.getMessage() for r in caplog.records if "skipping bad sample" in r.getMessage()]
-    assert sum(b["skipped"] for b in batches) == len(skips) == 4
+    assert sum(sum(b["skipped"].values()) for b in batches) == len(skips) == 4
     joined = "\n".join(skips)
     assert "corrupt-0.tar:val_00000003: cannot decode" in joined
     assert "nocaption-0.tar:val_00000005: no text member" in joined

@@ -118,8 +118,10 @@ def logged_steps(csv_path: Path) -> list[int]:
 
 def test_preempted_job_requeues_and_resumes_where_it_stopped(slurm, tmp_path, shapes_dir):
     """SIGUSR2 mid-run: last.ckpt at that step, submitit requeues, the job comes back in
-    the same output dir and wandb run, resumes from the checkpoint and finishes."""
+    the same output dir and wandb run, resumes from the checkpoint and finishes, and its
+    data stream continues: every step's batch recorded once, each epoch's keys once."""
     sweep = tmp_path / "sweep"
+    record = tmp_path / "keys.jsonl"
     process = submit(
         slurm,
         "trainer.max_steps=150",
@@ -132,8 +134,10 @@ def test_preempted_job_requeues_and_resumes_where_it_stopped(slurm, tmp_path, sh
         "data.num_workers=1",  # the signal reaches the loader worker too: it must survive
         f"paths.shapes_dir={shapes_dir}",
         f"hydra.sweep.dir={sweep}",
+        "+callbacks.recorder._target_=faults.StepRecorder",
+        f"+callbacks.recorder.path={record}",
         cwd=tmp_path,
-        env={"WANDB_MODE": "offline"},
+        env={"WANDB_MODE": "offline", "PYTHONPATH": str(Path(__file__).parent)},
     )
     run_dir = sweep / "0"
 
@@ -160,6 +164,11 @@ def test_preempted_job_requeues_and_resumes_where_it_stopped(slurm, tmp_path, sh
     assert metrics["train/global_step"] == 150
     steps = logged_steps(run_dir / "csv" / "metrics.csv")
     assert steps == list(range(150))  # every step once: no gap, no restart from 0
+    rows = [json.loads(line) for line in record.read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(150))  # no batch trained twice
+    for epoch in range(150 // 32 + 1):  # 512 samples, 32 batches of 16 an epoch
+        keys = [k for r in rows[epoch * 32 : (epoch + 1) * 32] for k in r["keys"]]
+        assert len(keys) == len(set(keys)), f"epoch {epoch} repeats a sample"
     log = (run_dir / "train.log").read_text()
     assert "resuming from" in log and "saved" in log
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))

@@ -2,65 +2,110 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import hydra
 import lightning as L
 import wandb
 from hydra.utils import instantiate
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from polymodal.utils.checkpoint import read_checkpoint
+from polymodal.utils.checkpoint_io import LAST, previous_path
 from polymodal.utils.errors import ConfigError
+from polymodal.utils.files import LockHeld, remove_stale_temps, try_lock
 from polymodal.utils.instantiate import instantiate_group
 from polymodal.utils.report import print_metrics, write_metrics
 from polymodal.utils.validate import check_types
 
 log = logging.getLogger(__name__)
-# what fit leaves on trainer.callback_metrics (PretrainModule.on_train_end) for the report
+# what fit leaves on trainer.callback_metrics (PretrainModule.on_train_end) for the report,
+# by key prefix (data/skipped/<reason> counts skipped samples by reason)
 RUN_FACTS = (
     "train/global_step",
-    "data/skipped_samples",
+    "train/nonfinite_steps",
+    "data/skipped",
     "dist/ranks_same_step",
     "dist/ranks_in_sync",
 )
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+# held by a live run in its output directory (see output_dir_lock)
+LOCK_FILE = ".polymodal.lock"
+# environment variables that give a process's rank before any process group exists
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
+
+
+def launched_as_global_rank_zero() -> bool:
+    """Whether this process is (or will become) global rank 0, from the variables that
+    launchers set before any process group exists: Lightning's ddp launcher re-runs the
+    script with LOCAL_RANK/NODE_RANK, torchrun sets RANK, srun SLURM_PROCID."""
+    return all(os.environ.get(name, "0") == "0" for name in RANK_VARIABLES)
+
+
+@contextlib.contextmanager
+def output_dir_lock(cfg: DictConfig) -> Iterator[None]:
+    """Refuse (ConfigError) to train into an output directory that a live run is using:
+    two runs would mix their checkpoints and metrics. Held by global rank 0 only; the
+    kernel drops it when that process dies, so a requeued or rerun job is not refused.
+    Temp files of checkpoint saves that a kill interrupted are removed under it."""
+    if not launched_as_global_rank_zero():
+        yield
+        return
+    output_dir = Path(cfg.paths.output_dir)
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(try_lock(output_dir / LOCK_FILE))
+        except LockHeld as held:
+            raise ConfigError(
+                f"{output_dir}: another run is using this output directory ({held.owner}); "
+                "wait for it to end or choose another hydra.run.dir"
+            ) from None
+        if Path(cfg.paths.checkpoint_dir).is_dir():
+            remove_stale_temps(cfg.paths.checkpoint_dir)
+        yield
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit the configured task, validate the final weights, write metrics.json.
+    """Fit the configured task, validate the final weights, write metrics.json, holding
+    the output directory's lock (a second run there is refused).
 
     Returns the final metrics (the app prints them as a table)."""
     check_types(cfg)
-    if cfg.get("seed") is not None:
-        L.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data)
-    backbone = instantiate(cfg.model)
-    module = instantiate(cfg.task, backbone=backbone)
-    module.run_config = OmegaConf.to_container(cfg, resolve=True)
-    callbacks = instantiate_group(cfg.get("callbacks"), "callbacks")
-    loggers = instantiate_group(cfg.get("logger"), "logger")
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    for logger in loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    with output_dir_lock(cfg):
+        if cfg.get("seed") is not None:
+            L.seed_everything(cfg.seed, workers=True)
+        datamodule = instantiate(cfg.data)
+        backbone = instantiate(cfg.model)
+        module = instantiate(cfg.task, backbone=backbone)
+        module.run_config = OmegaConf.to_container(cfg, resolve=True)
+        callbacks = instantiate_group(cfg.get("callbacks"), "callbacks")
+        loggers = instantiate_group(cfg.get("logger"), "logger")
+        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        for logger in loggers:
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    if cfg.get("validate_before_training"):
-        trainer.validate(module, datamodule=datamodule, verbose=False)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from(cfg))
-    fit_metrics = trainer.callback_metrics
-    facts = {k: float(fit_metrics[k]) for k in RUN_FACTS if k in fit_metrics}
-    # a finished run resumed again trains nothing, and Lightning then skips on_train_end
-    facts.setdefault("train/global_step", float(trainer.global_step))
-    if facts.get("dist/ranks_in_sync") == 0.0:
-        log.error("ranks ended fit with different weights: distributed training is broken")
-    results = trainer.validate(module, datamodule=datamodule, verbose=False)
-    metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
-    metrics.update(facts)
-    if rank_zero_only.rank == 0:
-        write_metrics(metrics, cfg.paths.output_dir)
-    return metrics
+        if cfg.get("validate_before_training"):
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from(cfg), weights_only=True)
+        fit_metrics = trainer.callback_metrics
+        facts = {k: float(v) for k, v in fit_metrics.items() if k.startswith(RUN_FACTS)}
+        # a finished run resumed again trains nothing, and Lightning then skips on_train_end
+        facts.setdefault("train/global_step", float(trainer.global_step))
+        if facts.get("dist/ranks_in_sync") == 0.0:
+            log.error("ranks ended fit with different weights: distributed training is broken")
+        results = trainer.validate(module, datamodule=datamodule, verbose=False)
+        metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+        metrics.update(facts)
+        if rank_zero_only.rank == 0:
+            write_metrics(metrics, cfg.paths.output_dir)
+        return metrics
 
 
 def finish_wandb() -> None:
@@ -74,15 +119,59 @@ def finish_wandb() -> None:
 
 
 def resume_from(cfg: DictConfig) -> str | None:
-    """`ckpt_path`, else (with `auto_resume`) the run's own last.ckpt if it exists: a
-    requeued job, or a rerun of the same command into the same output directory."""
+    """`ckpt_path` (a file that does not load is a ConfigError), else with `auto_resume`
+    the newest of the run's own checkpoints that loads: a requeued job, or a rerun of the
+    same command into the same output directory. A checkpoint a kill left unreadable is
+    reported in one warning and the next older one is used; when none loads, the run
+    stops (ConfigError) rather than train from scratch over them."""
     if cfg.get("ckpt_path"):
+        if is_local_file(cfg.ckpt_path):
+            try:
+                check_resumable(cfg.ckpt_path)
+            except ConfigError as err:
+                raise ConfigError(f"ckpt_path={err}") from None
         return cfg.ckpt_path
-    last = Path(cfg.paths.checkpoint_dir) / "last.ckpt"
-    if cfg.get("auto_resume") and last.is_file():
-        log.info("resuming from %s", last)
-        return str(last)
+    if not cfg.get("auto_resume"):
+        return None
+    candidates = resume_candidates(Path(cfg.paths.checkpoint_dir))
+    for path in candidates:
+        try:
+            check_resumable(path)
+        except ConfigError as err:
+            log.warning("cannot resume from %s; trying the next older checkpoint", err)
+            continue
+        log.info("resuming from %s", path)
+        return str(path)
+    if candidates:
+        raise ConfigError(
+            f"{cfg.paths.checkpoint_dir}: no checkpoint there loads (warnings above); move "
+            "them away, or set auto_resume=false to train from scratch"
+        )
     return None
+
+
+def resume_candidates(checkpoint_dir: Path) -> list[Path]:
+    """last.ckpt, the one it replaced (last-previous.ckpt), then every other checkpoint
+    file in the directory, newest first."""
+    last = checkpoint_dir / f"{LAST}.ckpt"
+    first = [last, previous_path(last)]
+    others = [p for p in checkpoint_dir.glob("*.ckpt") if p not in first and p.is_file()]
+    others.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    return [p for p in first if p.is_file()] + others
+
+
+def is_local_file(ckpt_path: str) -> bool:
+    """False for what Lightning resolves itself: a remote URL, "last", "best", "hpc",
+    "registry:..."."""
+    keyword = ckpt_path in ("last", "best", "hpc") or ckpt_path.startswith("registry")
+    return not keyword and _is_local_file_protocol(ckpt_path)
+
+
+def check_resumable(path: str | Path) -> None:
+    """Raise a one-line ConfigError naming `path` unless fit can resume from it: it loads
+    without unpickling code (a kill may have cut it short) and is a Lightning checkpoint."""
+    if "state_dict" not in read_checkpoint(path):
+        raise ConfigError(f"{path}: not a Lightning checkpoint (no state_dict)")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

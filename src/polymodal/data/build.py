@@ -24,24 +24,14 @@ from pathlib import Path
 
 from PIL import Image
 
-from polymodal.data.tario import add_sample, atomic_tar, write_json
+from polymodal.data.datamodule import DEFAULT_MAX_PIXELS
+from polymodal.data.tario import add_sample, atomic_tar, dataset_lock, write_json
 from polymodal.data.tokenizer import train_tokenizer
-from polymodal.utils.errors import ConfigError
+from polymodal.utils.errors import ConfigError, SkippedSample
+from polymodal.utils.files import atomic_file, remove_stale_temps
 
 IMAGE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 AUDIO_FORMATS = ("flac", "wav")
-DEFAULT_MAX_PIXELS = 89_478_485  # PIL's decompression-bomb threshold
-
-
-class SkippedRow(ValueError):
-    """A row that cannot become a sample; `reason` is one of the skipped.jsonl reasons."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
-
-    def __reduce__(self):  # crosses process boundaries from the build workers
-        return SkippedRow, (self.reason, self.detail)
 
 
 @dataclass
@@ -144,9 +134,9 @@ class Encoding:
 
 def check_key(key: str) -> None:
     if not key or "/" in key or "\\" in key or ".." in key or key.startswith("."):
-        raise SkippedRow("unsafe_key", f"key {key!r} has a path separator or '..'")
+        raise SkippedSample("unsafe_key", f"key {key!r} has a path separator or '..'")
     if "." in key or "\0" in key:
-        raise SkippedRow("unsafe_key", f"key {key!r} has a '.', which splits webdataset keys")
+        raise SkippedSample("unsafe_key", f"key {key!r} has a '.', which splits webdataset keys")
 
 
 def clean_caption(caption: object) -> str:
@@ -154,33 +144,33 @@ def clean_caption(caption: object) -> str:
         try:
             caption = caption.decode("utf-8")
         except UnicodeDecodeError as err:
-            raise SkippedRow("bad_caption_encoding", f"caption is not UTF-8 ({err})") from err
+            raise SkippedSample("bad_caption_encoding", f"caption is not UTF-8 ({err})") from err
     text = "" if caption is None else str(caption).strip()
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise SkippedRow("bad_caption_encoding", "caption is not UTF-8") from err
+        raise SkippedSample("bad_caption_encoding", "caption is not UTF-8") from err
     if not text:
-        raise SkippedRow("empty_caption", "caption is empty")
+        raise SkippedSample("empty_caption", "caption is empty")
     return text
 
 
 def encode_image(path: str, encoding: Encoding) -> tuple[bytes, tuple[int, int]]:
     """Resized (shorter side = image_size) and re-encoded image bytes, and the original size."""
     if not os.path.isfile(path):
-        raise SkippedRow("missing_image", f"no file {path}")
+        raise SkippedSample("missing_image", f"no file {path}")
     try:
         with Image.open(path) as image:
             width, height = image.size
             if width * height > encoding.max_pixels:
-                raise SkippedRow(
+                raise SkippedSample(
                     "too_many_pixels", f"{path} has {width}x{height} > {encoding.max_pixels} px"
                 )
             image = image.convert("RGB")
-    except SkippedRow:
+    except SkippedSample:
         raise
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise SkippedRow("unreadable_image", f"{path}: {type(err).__name__}: {err}") from err
+        raise SkippedSample("unreadable_image", f"{path}: {type(err).__name__}: {err}") from err
     if encoding.image_size:
         scale = encoding.image_size / min(width, height)
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
@@ -196,16 +186,16 @@ def read_audio(path: str) -> tuple[bytes, str, dict]:
     import soundfile  # imported here: only audio builds need libsndfile
 
     if not os.path.isfile(path):
-        raise SkippedRow("missing_audio", f"no file {path}")
+        raise SkippedSample("missing_audio", f"no file {path}")
     extension = Path(path).suffix.lower().lstrip(".")
     if extension not in AUDIO_FORMATS:
-        raise SkippedRow("unreadable_audio", f"{path}: not one of {AUDIO_FORMATS}")
+        raise SkippedSample("unreadable_audio", f"{path}: not one of {AUDIO_FORMATS}")
     try:
         data, sample_rate = soundfile.read(path, always_2d=True)
     except (RuntimeError, soundfile.LibsndfileError, OSError) as err:
-        raise SkippedRow("unreadable_audio", f"{path}: {type(err).__name__}: {err}") from err
+        raise SkippedSample("unreadable_audio", f"{path}: {type(err).__name__}: {err}") from err
     if len(data) == 0:
-        raise SkippedRow("unreadable_audio", f"{path}: no audio frames")
+        raise SkippedSample("unreadable_audio", f"{path}: no audio frames")
     info = {
         "sample_rate": sample_rate,
         "channels": data.shape[1],
@@ -214,7 +204,7 @@ def read_audio(path: str) -> tuple[bytes, str, dict]:
     return Path(path).read_bytes(), extension, info
 
 
-def row_samples(row: Row, encoding: Encoding) -> list[tuple] | SkippedRow:
+def row_samples(row: Row, encoding: Encoding) -> list[tuple] | SkippedSample:
     """[(key, extension, media bytes, caption, json)] for one row (one per caption), or
     why it was skipped."""
     try:
@@ -226,7 +216,7 @@ def row_samples(row: Row, encoding: Encoding) -> list[tuple] | SkippedRow:
             media, (width, height) = encode_image(row.media, encoding)
             extension = encoding.image_format
             properties = {"original_width": width, "original_height": height}
-    except SkippedRow as skipped:
+    except SkippedSample as skipped:
         return skipped
     meta = dict(row.meta)  # every source column (written with default=str, ASCII-escaped)
     meta.setdefault("image_id" if row.kind == "image" else "clip_id", row.key)
@@ -270,24 +260,32 @@ def build_shards(
     tokenizer_vocab: int | None = None,
     progress: bool = False,
 ) -> dict:
-    """Write the shards, sizes.json, manifest.json and skipped.jsonl; returns the manifest."""
+    """Write the shards, sizes.json, manifest.json and skipped.jsonl; returns the manifest.
+    Holds the output directory's lock, so a second build into it waits (and then finds
+    the shards: an error, or nothing left to do with --resume)."""
     out = Path(out_dir)
-    state_dir = out / ".build"
-    if out.exists() and any(out.glob(f"{prefix}-*.tar")) and not resume:
-        raise ConfigError(f"--out {out}: already holds {prefix}-*.tar; pass --resume or empty it")
-    state_dir.mkdir(parents=True, exist_ok=True)
-    seen_keys: set[str] = set()
-    shards: dict[int, dict] = {}
-    pending = _pending_shards(_chunks(rows, shard_size), encoding, state_dir, shards, seen_keys)
-    bar = _progress_bar(progress)
-    with ProcessPoolExecutor(max_workers=workers) if workers > 1 else _Serial() as pool:
-        # a few shards in flight at a time: memory stays bounded for any input size
-        for window in _chunks(pending, 2 * workers):
-            for index, processed in pool.map(_shard_samples, window):
-                shards[index] = _write_shard(out, prefix, index, processed, seen_keys, strict)
-                write_json(state_dir / f"{index:06d}.json", shards[index])
-                bar(len(processed))
-    return _finish(out, [shards[i] for i in sorted(shards)], tokenizer_vocab)
+    with dataset_lock(out):
+        if any(out.glob(f"{prefix}-*.tar")) and not resume:
+            raise ConfigError(
+                f"--out {out}: already holds {prefix}-*.tar; pass --resume or empty it"
+            )
+        state_dir = out / ".build"
+        state_dir.mkdir(parents=True, exist_ok=True)
+        for directory in (out, state_dir):  # what a killed build was writing
+            remove_stale_temps(directory)
+        seen_keys: set[str] = set()
+        shards: dict[int, dict] = {}
+        chunks = _chunks(rows, shard_size)
+        pending = _pending_shards(chunks, encoding, state_dir, shards, seen_keys)
+        bar = _progress_bar(progress)
+        with ProcessPoolExecutor(max_workers=workers) if workers > 1 else _Serial() as pool:
+            # a few shards in flight at a time: memory stays bounded for any input size
+            for window in _chunks(pending, 2 * workers):
+                for index, processed in pool.map(_shard_samples, window):
+                    shards[index] = _write_shard(out, prefix, index, processed, seen_keys, strict)
+                    write_json(state_dir / f"{index:06d}.json", shards[index])
+                    bar(len(processed))
+        return _finish(out, [shards[i] for i in sorted(shards)], tokenizer_vocab)
 
 
 class _Serial:
@@ -323,9 +321,9 @@ def _write_shard(
     accepted, samples, skipped, captions = [], 0, [], []
     with atomic_tar(out / name) as tar:
         for row, result in processed:
-            if not isinstance(result, SkippedRow) and row.key in seen_keys:
-                result = SkippedRow("duplicate_key", f"key {row.key!r} appeared before")
-            if isinstance(result, SkippedRow):
+            if not isinstance(result, SkippedSample) and row.key in seen_keys:
+                result = SkippedSample("duplicate_key", f"key {row.key!r} appeared before")
+            if isinstance(result, SkippedSample):
                 if strict:
                     raise ConfigError(f"row {row.position} ({row.media}): {result}")
                 skipped.append(
@@ -359,7 +357,7 @@ def _finish(out: Path, shards: list[dict], tokenizer_vocab: int | None) -> dict:
     """sizes.json, skipped.jsonl, manifest.json (and the tokenizer) from the shard records."""
     write_json(out / "sizes.json", {s["name"]: s["samples"] for s in shards})
     skipped = [entry for s in shards for entry in s["skipped"]]
-    with open(out / "skipped.jsonl", "w") as f:
+    with atomic_file(out / "skipped.jsonl", "w") as f:
         f.writelines(json.dumps(entry, sort_keys=True) + "\n" for entry in skipped)
     manifest = {
         "samples": sum(s["samples"] for s in shards),

@@ -11,7 +11,12 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from polymodal.data.datamodule import IMAGE_KEYS, KeySplitter
+from polymodal.data.datamodule import (
+    DEFAULT_MAX_CAPTION_BYTES,
+    DEFAULT_MAX_PIXELS,
+    IMAGE_KEYS,
+    KeySplitter,
+)
 
 IMAGE_EXTENSIONS = IMAGE_KEYS
 TEXT_EXTENSIONS = ("txt", "caption")
@@ -52,12 +57,18 @@ def sample_problems(members: dict[str, bytes]) -> list[str]:
     else:
         try:
             with Image.open(io.BytesIO(members[images[0]])) as image:
-                image.load()
+                width, height = image.size  # training's limit, checked before decoding
+                if width * height > DEFAULT_MAX_PIXELS:
+                    problems.append(f"{width}x{height} image > {DEFAULT_MAX_PIXELS} px")
+                else:
+                    image.load()
         except Exception as err:  # noqa: BLE001 - any decode failure is corruption
             problems.append(f"corrupt .{images[0]} ({type(err).__name__})")
     texts = [e for e in TEXT_EXTENSIONS if e in members]
     if not texts:
         problems.append("no caption member")
+    elif len(members[texts[0]]) > DEFAULT_MAX_CAPTION_BYTES:
+        problems.append(f"caption of {len(members[texts[0]])} bytes > {DEFAULT_MAX_CAPTION_BYTES}")
     else:
         try:
             if not members[texts[0]].decode("utf-8").strip():

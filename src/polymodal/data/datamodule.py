@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import signal
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -30,11 +31,13 @@ from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expan
 
 from polymodal.data.tokenizer import TextTokenizer
 from polymodal.data.transforms import image_transform
-from polymodal.utils.errors import ConfigError
+from polymodal.utils.errors import ConfigError, SkippedSample
 
 log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's decompression-bomb threshold
+DEFAULT_MAX_CAPTION_BYTES = 65_536  # ~10k words: far past any text tower's context
 PAD_POOL = 16  # decoded samples a reader keeps to fill in for skipped ones
 TEXT_KEYS = ("txt",)
 
@@ -130,7 +133,13 @@ def ignore_job_signals(worker_id: int) -> None:
 
 
 class SampleDecoder:
-    """Raw tar sample -> {image, text, key, meta}; raises ValueError naming shard and key."""
+    """Raw tar sample -> {image, text, key, meta}; raises SkippedSample naming shard, key
+    and reason.
+
+    Shards are input from elsewhere: an image whose header declares more than `max_pixels`
+    is refused before its pixels are decoded (a 140 KB PNG can hold 144 Mpx, 1.5 GB
+    decoded), and a caption over `max_caption_bytes` before it is tokenised.
+    """
 
     def __init__(
         self,
@@ -138,11 +147,14 @@ class SampleDecoder:
         image_keys: Sequence[str] = IMAGE_KEYS,
         text_keys: Sequence[str] = TEXT_KEYS,
         meta_key: str = "json",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_caption_bytes: int = DEFAULT_MAX_CAPTION_BYTES,
     ) -> None:
         self.transform = transform
         self.image_keys = tuple(image_keys)
         self.text_keys = tuple(text_keys)
         self.meta_key = meta_key
+        self.max_pixels, self.max_caption_bytes = max_pixels, max_caption_bytes
 
     @property
     def extensions(self) -> tuple[str, ...]:
@@ -157,16 +169,34 @@ class SampleDecoder:
             missing, wanted = (
                 ("image", self.image_keys) if image_key is None else ("text", self.text_keys)
             )
-            raise ValueError(f"{where}: no {missing} member (looked for {wanted})")
+            raise SkippedSample(
+                f"no_{missing}", f"{where}: no {missing} member (looked for {wanted})"
+            )
+        size = len(sample[text_key])
+        if size > self.max_caption_bytes:
+            raise SkippedSample(
+                "caption_too_long",
+                f"{where}: {size}-byte caption > data.max_caption_bytes {self.max_caption_bytes}",
+            )
         try:
             with Image.open(io.BytesIO(sample[image_key])) as img:
+                width, height = img.size  # from the header: nothing decoded yet
+                if width * height > self.max_pixels:
+                    raise SkippedSample(
+                        "too_many_pixels",
+                        f"{where}: {width}x{height} image > data.max_pixels {self.max_pixels}",
+                    )
                 image = self.transform(img.convert("RGB"))
             text = sample[text_key].decode("utf-8").strip()
             meta = json.loads(sample[self.meta_key]) if self.meta_key in sample else {}
+        except SkippedSample:
+            raise
         except Exception as exc:  # noqa: BLE001 - any decode failure is a bad sample
-            raise ValueError(f"{where}: cannot decode ({type(exc).__name__}: {exc})") from exc
+            raise SkippedSample(
+                "undecodable", f"{where}: cannot decode ({type(exc).__name__}: {exc})"
+            ) from exc
         if not text:
-            raise ValueError(f"{where}: empty caption")
+            raise SkippedSample("empty_caption", f"{where}: empty caption")
         return {"image": image, "text": text, "key": sample["__key__"], "meta": meta}
 
 
@@ -186,6 +216,16 @@ class ShardedSamples(IterableDataset):
     out of step and collectives never hang. Without it (evaluation) ranks split every
     sample, the last batch may be partial. Bad samples are skipped and counted
     (`batch["skipped"]`), or raise when `strict`.
+
+    Every random choice (shard order, shuffle buffer, each sample's augmentation) is
+    seeded from (seed, epoch, rank, worker, position), never from the process's global
+    random state, so a worker's stream is a pure function of its position. Each batch
+    carries `cursor` = (epoch, worker, batch number); `start(epoch, done, first)` makes
+    the next iteration resume that epoch after the batches each worker already delivered:
+    they are rebuilt (decoded, so skipped samples are skipped again) but not yielded, and
+    loader worker 0 plays stream worker `first` (the DataLoader takes batches from its
+    workers round-robin, always from worker 0 first), so exactly the batches of an
+    uninterrupted run follow, in the same order.
     """
 
     def __init__(
@@ -215,12 +255,20 @@ class ShardedSamples(IterableDataset):
         self.resampled, self.strict = resampled, strict
         self.split_key = KeySplitter(decoder.extensions)
         self.epoch = -1
-        self.skipped = 0
+        self.done: dict[int, int] = {}  # worker -> batches of the next epoch to rebuild unseen
+        self.first = 0  # the stream worker that loader worker 0 plays in the next epoch
+        self.skipped: Counter[str] = Counter()  # reason -> samples skipped
+
+    def start(self, epoch: int, done: Mapping[int, int], first: int = 0) -> None:
+        """Make the next iteration epoch `epoch`, each stream worker resuming after its
+        first `done[worker]` batches, loader worker i playing stream worker first + i (set
+        before the loader's workers copy the dataset)."""
+        self.epoch, self.done, self.first = epoch - 1, dict(done), first
 
     def skip(self, exc: Exception) -> bool:
         if self.strict:
             raise exc
-        self.skipped += 1
+        self.skipped[getattr(exc, "reason", "unreadable")] += 1
         log.warning("skipping bad sample: %s", exc)
         return True
 
@@ -262,12 +310,19 @@ class ShardedSamples(IterableDataset):
                 yield sample
         raise ValueError(f"data: no sample in {4 * len(self.urls)} draws from {self.urls[0]}, ...")
 
-    def decoded(self, raw: Iterator[dict]) -> Iterator[dict]:
-        for sample in raw:
+    def decoded(self, raw: Iterator[dict], seed: int) -> Iterator[dict]:
+        """Decoded samples; the n-th sample's augmentation draws from seed + n alone (the
+        CPU generator is seeded for it and restored after, so training's stream, in this
+        process when there are no workers, is untouched)."""
+        for index, sample in enumerate(raw):
             try:
-                yield self.decoder(sample)
+                with torch.random.fork_rng(devices=[]):
+                    torch.default_generator.manual_seed(seed + index)
+                    decoded = self.decoder(sample)
             except ValueError as exc:
                 self.skip(exc)
+                continue
+            yield decoded
 
     def exactly(self, samples: Iterator[dict], count: int, where: str) -> Iterator[dict]:
         """`count` samples; when the stream runs short, repeats the first ones it yielded
@@ -296,8 +351,11 @@ class ShardedSamples(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        worker = (worker + self.first) % num_workers
         self.epoch += 1
-        rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
+        done, self.done, self.first = self.done.get(worker, 0), {}, 0
+        stream = f"{self.seed}-{self.epoch}-{self.rank}-{worker}"
+        rng = random.Random(stream)
         where = f"rank {self.rank} worker {worker} epoch {self.epoch}"
         if self.resampled:
             lo, hi = split_range(self.batches_per_rank, num_workers, worker)
@@ -309,28 +367,37 @@ class ShardedSamples(IterableDataset):
             return
         if self.shuffle:
             raw = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer // 4, rng=rng)(raw)
-        samples = self.decoded(raw)
+        samples = self.decoded(raw, random.Random(f"augment-{stream}").getrandbits(62))
         if self.batches_per_rank is not None:
             samples = self.exactly(samples, wanted, where)
-        yield from self.batched(samples, where)
+        yield from self.batched(samples, where, worker, done)
 
-    def batched(self, samples: Iterator[dict], where: str) -> Iterator[dict]:
+    def batched(
+        self, samples: Iterator[dict], where: str, worker: int, done: int
+    ) -> Iterator[dict]:
+        """Batches of `samples`; the first `done` are rebuilt but not yielded (resume), and
+        the samples skipped while rebuilding them are not reported again."""
         batch: list[dict] = []
-        reported, usable = self.skipped, 0
+        reported, usable, number = self.skipped.copy(), 0, 0
         for sample in samples:
             batch.append(sample)
             usable += 1
             if len(batch) == self.batch_size:
-                yield self._collate(batch, reported)
-                batch, reported = [], self.skipped
+                number += 1
+                if number > done:
+                    yield self._collate(batch, reported, (self.epoch, worker, number))
+                batch, reported = [], self.skipped.copy()
         if batch:  # only evaluation has partial batches: training counts are exact
-            yield self._collate(batch, reported)
+            yield self._collate(batch, reported, (self.epoch, worker, number + 1))
         if usable == 0:
             raise ValueError(f"data: no usable sample in {where}")
 
-    def _collate(self, batch: list[dict], reported: int) -> dict:
+    def _collate(
+        self, batch: list[dict], reported: Counter[str], cursor: tuple[int, int, int]
+    ) -> dict:
         out = self.collate(batch)
-        out["skipped"] = self.skipped - reported
+        out["skipped"] = dict(self.skipped - reported)  # reason -> count since the last batch
+        out["cursor"] = cursor
         return out
 
 
@@ -379,6 +446,8 @@ class WebDataModule(L.LightningDataModule):
         strict: bool = False,
         image_keys: Sequence[str] = IMAGE_KEYS,
         text_keys: Sequence[str] = TEXT_KEYS,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_caption_bytes: int = DEFAULT_MAX_CAPTION_BYTES,
         prepare: Callable[[], object] | None = None,
         zeroshot: Mapping | None = None,
         worker_start_method: str | None = None,
@@ -393,10 +462,14 @@ class WebDataModule(L.LightningDataModule):
         self.shuffle_buffer, self.resampled = shuffle_buffer, resampled
         self.train_samples, self.seed, self.strict = train_samples, seed, strict
         self.image_keys, self.text_keys = image_keys, text_keys
+        self.max_pixels, self.max_caption_bytes = max_pixels, max_caption_bytes
         self.prepare = prepare
         self.zeroshot = zeroshot
         self.worker_start_method = worker_start_method
         self.tokenizer: TextTokenizer | None = None
+        # the training stream's position: the last trained batch of each loader worker
+        self.position: dict = {}
+        self.resume: dict = {}  # a checkpoint's position, applied by train_dataloader
 
     def prepare_data(self) -> None:
         """Generate built-in data (e.g. the shapes dataset) if the config asks for it."""
@@ -415,9 +488,7 @@ class WebDataModule(L.LightningDataModule):
     def check_usable(self, urls: Sequence[str], split: str) -> None:
         """Fail before training, in one line, when no shard holds a usable sample. Reads the
         shards in order until one sample decodes, so a healthy set costs one sample."""
-        decoder = SampleDecoder(
-            image_transform(self.image_size, False), self.image_keys, self.text_keys
-        )
+        decoder = self.decoder(train=False)
         split_key = KeySplitter(decoder.extensions)
         problems: list[Exception] = []
 
@@ -434,6 +505,15 @@ class WebDataModule(L.LightningDataModule):
                     problems.append(exc)
         first = f" (first problem: {problems[0]})" if problems else " (all empty)"
         raise ConfigError(f"data.{split}_shards: no usable sample in {len(urls)} shard(s){first}")
+
+    def decoder(self, train: bool) -> SampleDecoder:
+        return SampleDecoder(
+            image_transform(self.image_size, train, self.crop_scale, self.hflip),
+            self.image_keys,
+            self.text_keys,
+            max_pixels=self.max_pixels,
+            max_caption_bytes=self.max_caption_bytes,
+        )
 
     @property
     def rank_and_world(self) -> tuple[int, int]:
@@ -453,15 +533,10 @@ class WebDataModule(L.LightningDataModule):
             first, last = split_range(sum(sizes), world, rank)
             batches = -(-(last - first) // batch_size)
         workers = min(self.num_workers, max(batches, 1))
-        decoder = SampleDecoder(
-            image_transform(self.image_size, train, self.crop_scale, self.hflip),
-            self.image_keys,
-            self.text_keys,
-        )
         dataset = ShardedSamples(
             urls,
             sizes,
-            decoder,
+            self.decoder(train),
             TokenizingCollate(self.tokenizer),
             batch_size=batch_size,
             batches_per_rank=batches if train else None,
@@ -473,7 +548,13 @@ class WebDataModule(L.LightningDataModule):
             resampled=train and self.resampled,
             strict=self.strict,
         )
-        loader = wds.WebLoader(
+        if train:
+            # 0 workers read like 1 (the stream of worker 0)
+            self.position = {"layout": [world, max(workers, 1), batch_size, batches, len(urls)]}
+            self.resume_stream(dataset)
+        # the dataset yields exactly `batches` per epoch: no with_epoch, which would fill a
+        # resumed epoch's remainder with the next epoch's batches
+        return wds.WebLoader(
             dataset,
             batch_size=None,
             num_workers=workers,
@@ -481,8 +562,51 @@ class WebDataModule(L.LightningDataModule):
             multiprocessing_context=self.worker_start_method if workers > 0 else None,
             worker_init_fn=ignore_job_signals,
         )
-        # a safety net: the dataset already yields exactly `batches` per epoch
-        return loader.with_epoch(batches) if train else loader
+
+    def resume_stream(self, dataset: ShardedSamples) -> None:
+        """Continue a checkpoint's stream: the next batch is the one after the last batch
+        trained before it was saved. Exact when the layout (ranks, workers, batch size,
+        batches per epoch, shards) is unchanged; otherwise the next epoch starts."""
+        if not self.resume:
+            return
+        state, self.resume = self.resume, {}
+        epoch, done, first = state["epoch"], dict(state["done"]), state["next_worker"]
+        if state["layout"] != self.position["layout"]:
+            log.warning(
+                "data: the training stream changed shape since the checkpoint (ranks, "
+                "workers, batch size, batches per epoch, shards: %s -> %s); the rest of "
+                "epoch %d is not read, training continues with epoch %d",
+                state["layout"],
+                self.position["layout"],
+                epoch,
+                epoch + 1,
+            )
+            epoch, done, first = epoch + 1, {}, 0
+        elif sum(done.values()) >= self.position["layout"][3]:
+            epoch, done, first = epoch + 1, {}, 0
+        dataset.start(epoch, done, first)
+        self.position.update(epoch=epoch, done=done, next_worker=first)
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Record each trained batch's cursor (this hook runs for the batch about to be
+        trained, not for the one the loop prefetched), so checkpoints hold the position."""
+        cursor = batch.pop("cursor", None)
+        if cursor is not None and self.trainer is not None and self.trainer.training:
+            epoch, worker, number = cursor
+            if self.position.get("epoch") != epoch:
+                self.position.update(epoch=epoch, done={})
+            self.position["done"][worker] = number
+            self.position["next_worker"] = (worker + 1) % self.position["layout"][1]
+        return batch
+
+    def state_dict(self) -> dict:
+        """Saved in every checkpoint: where the training stream stands."""
+        if "epoch" not in self.position:
+            return {}
+        return {**self.position, "done": dict(self.position["done"])}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.resume = dict(state)
 
     def batches_per_epoch(self, sizes: Sequence[int] | None = None) -> int:
         """Training batches each rank takes per epoch: samples // (batch * world)."""

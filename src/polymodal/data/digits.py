@@ -18,10 +18,11 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from polymodal.data.shapes import existing_manifest
-from polymodal.data.tario import add_sample, atomic_tar, write_json
+from polymodal.data.shapes import ensure_dataset
+from polymodal.data.tario import add_sample, atomic_tar, locks_dataset, write_json
 from polymodal.data.tokenizer import train_tokenizer
 from polymodal.utils.errors import ConfigError
+from polymodal.utils.files import remove_stale_temps
 
 GENERATOR_VERSION = 1
 
@@ -87,6 +88,7 @@ def _write_shard(
     return captions
 
 
+@locks_dataset
 def write_digits(
     out_dir: str | Path,
     num_val: int = 250,
@@ -98,7 +100,8 @@ def write_digits(
 ) -> dict:
     """Write all splits (train gets the rest), their sizes.json, the tokenizer and manifest.
 
-    The manifest is written last, so its presence marks a complete dataset.
+    The manifest is written last, so its presence marks a complete dataset. Runs under the
+    directory's lock (`locks_dataset`).
     """
     data = load_digits()
     scans, labels = data.images, data.target
@@ -113,13 +116,15 @@ def write_digits(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "manifest.json").unlink(missing_ok=True)
+    remove_stale_temps(out_dir)
 
     splits, train_captions = {}, []
     for split, rows in split_rows(labels, num_val, num_test, seed).items():
         split_dir = out_dir / split
         split_dir.mkdir(exist_ok=True)
-        for stale in split_dir.glob(f"{SHARD_PREFIX}*.tar*"):
+        for stale in split_dir.glob(f"{SHARD_PREFIX}*.tar*"):  # killed writers' temps too
             stale.unlink()
+        remove_stale_temps(split_dir)
         sizes = {}
         for shard, start in enumerate(range(0, len(rows), shard_size)):
             name = f"{SHARD_PREFIX}{shard:06d}.tar"
@@ -166,10 +171,10 @@ def _params(
 def ensure_digits(out_dir: str | Path, **kwargs) -> dict:
     """Return the existing manifest if it was written with the same parameters, else write.
 
-    Accepts the keyword arguments of ``write_digits``.
+    Accepts the keyword arguments of ``write_digits`` (see ``shapes.ensure_dataset``).
     """
     out_dir = Path(out_dir)
     bound = inspect.signature(write_digits).bind(out_dir, **kwargs)
     bound.apply_defaults()
     arguments = {k: v for k, v in bound.arguments.items() if k != "out_dir"}
-    return existing_manifest(out_dir, _params(**arguments)) or write_digits(out_dir, **kwargs)
+    return ensure_dataset(out_dir, _params(**arguments), lambda: write_digits(out_dir, **kwargs))

@@ -16,14 +16,16 @@ import multiprocessing
 import os
 import re
 import sys
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from polymodal.data.tario import add_sample, atomic_tar, write_json
+from polymodal.data.tario import add_sample, atomic_tar, dataset_lock, locks_dataset, write_json
 from polymodal.data.tokenizer import train_tokenizer
+from polymodal.utils.files import remove_stale_temps
 
 GENERATOR_VERSION = 1
 
@@ -337,6 +339,7 @@ def _write_shard(
     return captions
 
 
+@locks_dataset
 def write_shapes(
     out_dir: str | Path,
     num_train: int = 50_000,
@@ -352,7 +355,8 @@ def write_shapes(
     """Generate all splits, their sizes.json files, the tokenizer and the manifest.
 
     The manifest is written last, so its presence marks a complete dataset. ``workers=None``
-    uses up to two processes; the output is byte-identical for any worker count.
+    uses up to two processes; the output is byte-identical for any worker count. Runs under
+    the directory's lock (`locks_dataset`).
     """
     if image_format not in ("png", "jpg"):
         raise ValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
@@ -361,14 +365,16 @@ def write_shapes(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "manifest.json").unlink(missing_ok=True)
+    remove_stale_temps(out_dir)
 
     counts = {"train": num_train, "val": num_val, "test": num_test}
     tasks, splits = [], {}
     for split, total in counts.items():
         split_dir = out_dir / split
         split_dir.mkdir(exist_ok=True)
-        for stale in split_dir.glob(f"{SHARD_PREFIX}*.tar*"):
+        for stale in split_dir.glob(f"{SHARD_PREFIX}*.tar*"):  # killed writers' temps too
             stale.unlink()
+        remove_stale_temps(split_dir)
         num_shards = -(-total // shard_size)
         sizes = {}
         for shard in range(num_shards):
@@ -471,10 +477,21 @@ def existing_manifest(out_dir: Path, params: dict) -> dict | None:
 def ensure_shapes(out_dir: str | Path, **kwargs) -> dict:
     """Return the existing manifest if it was generated with the same parameters, else generate.
 
-    Accepts the keyword arguments of ``write_shapes``.
+    Accepts the keyword arguments of ``write_shapes`` (see ``ensure_dataset``).
     """
     out_dir = Path(out_dir)
     bound = inspect.signature(write_shapes).bind(out_dir, **kwargs)
     bound.apply_defaults()
     arguments = {k: v for k, v in bound.arguments.items() if k not in ("out_dir", "workers")}
-    return existing_manifest(out_dir, _params(**arguments)) or write_shapes(out_dir, **kwargs)
+    return ensure_dataset(out_dir, _params(**arguments), lambda: write_shapes(out_dir, **kwargs))
+
+
+def ensure_dataset(out_dir: Path, params: dict, write: Callable[[], dict]) -> dict:
+    """The manifest of the complete dataset in `out_dir`, `write()`n first if missing or
+    made with other params. Checked without the lock first (a built dataset on a read-only
+    mount needs none), then again under it, so processes starting at once write it once."""
+    found = existing_manifest(out_dir, params)
+    if found:
+        return found
+    with dataset_lock(out_dir):
+        return existing_manifest(out_dir, params) or write()

@@ -1,14 +1,20 @@
-"""Writing tar shards and small JSON files atomically and reproducibly."""
+"""Writing tar shards and small JSON files atomically and reproducibly; dataset locks."""
 
 from __future__ import annotations
 
+import functools
 import io
 import json
-import os
 import tarfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import TypeVar
+
+from polymodal.utils.files import atomic_file, atomic_write_text, file_lock
+
+LOCK_NAME = ".lock"  # in a dataset directory: held while it is checked or written
+T = TypeVar("T")
 
 
 def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -33,16 +39,33 @@ def add_sample(
 
 @contextmanager
 def atomic_tar(path: Path) -> Iterator[tarfile.TarFile]:
-    """A tar written to `<path>.tmp` and renamed to `path` once complete, so readers never
+    """A tar that appears at `path` only once complete (`atomic_file`), so readers never
     see a partial shard."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+    with (
+        atomic_file(path) as f,
+        tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar,
+    ):
         yield tar
-    os.replace(tmp, path)
 
 
 def write_json(path: Path, data: dict | list) -> None:
-    """Write JSON through a temp file and a rename, so readers never see half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    """Write JSON atomically, so readers never see half a file."""
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def dataset_lock(out_dir: str | Path) -> AbstractContextManager[None]:
+    """Exclusive lock of a dataset directory while it is checked or written, so processes
+    that prepare the same dataset at once (sweep jobs on a fresh checkout) wait for the
+    first one instead of writing over each other. Re-entrant in a thread."""
+    return file_lock(Path(out_dir) / LOCK_NAME)
+
+
+def locks_dataset(write: Callable[..., T]) -> Callable[..., T]:
+    """`write(out_dir, ...)` run under `dataset_lock(out_dir)`."""
+
+    @functools.wraps(write)
+    def locked(out_dir: str | Path, *args, **kwargs) -> T:
+        with dataset_lock(out_dir):
+            return write(out_dir, *args, **kwargs)
+
+    return locked

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from polymodal.utils.files import atomic_write_text
+
 PAD = "[PAD]"
 UNK = "[UNK]"
 BOS = "[BOS]"
@@ -21,7 +23,7 @@ def train_tokenizer(texts: Iterable[str], path: str | Path, vocab_size: int = 10
     """Train a byte-level BPE tokenizer on ``texts`` and save it to ``path`` (tokenizer.json).
 
     Byte-level pre-tokenization covers every input string without unknown tokens and decodes
-    lowercase NFKC text back exactly.
+    lowercase NFKC text back exactly. The file is written atomically (readers never see half).
     """
     tokenizer = Tokenizer(models.BPE(unk_token=UNK))
     tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
@@ -36,7 +38,7 @@ def train_tokenizer(texts: Iterable[str], path: str | Path, vocab_size: int = 10
     tokenizer.train_from_iterator(texts, trainer=trainer)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(path))
+    atomic_write_text(path, tokenizer.to_str(pretty=True))  # what tokenizer.save writes
     return tokenizer
 
 

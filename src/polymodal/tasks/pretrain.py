@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
+import zlib
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -39,6 +42,8 @@ from polymodal.utils.distributed import (
 )
 from polymodal.utils.errors import ConfigError
 from polymodal.utils.loggers import log_media_to_wandb
+
+log = logging.getLogger(__name__)
 
 
 def _plain(cfg: Mapping | None) -> dict:
@@ -122,6 +127,8 @@ class PretrainModule(L.LightningModule):
         scheduler: Mapping,
         evaluation: Mapping | None = None,
         loss: Mapping | None = None,
+        seed: int = 0,
+        max_nonfinite_steps: int = 8,
     ) -> None:
         super().__init__()
         objectives, optimizer, scheduler = _plain(objectives), _plain(optimizer), _plain(scheduler)
@@ -132,6 +139,13 @@ class PretrainModule(L.LightningModule):
         self.objectives, self.weights = build_objectives(objectives, backbone, loss)
         self.optimizer_cfg = optimizer
         self.scheduler_cfg = scheduler
+        self.seed = seed
+        if max_nonfinite_steps < 1:
+            raise ConfigError(f"task.max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.nonfinite_steps = 0  # optimizer steps skipped for a non-finite loss or gradient
+        self.nonfinite_in_a_row = 0
+        self._loss_finite: Tensor | None = None
         evaluation = dict(evaluation or {})
         self.caption_batches = int(evaluation.pop("caption_batches", 2))
         self.itm_rerank_k = int(evaluation.pop("itm_rerank_k", 16))
@@ -142,7 +156,7 @@ class PretrainModule(L.LightningModule):
         self.tokenizer = None
         # the resolved run config; the app sets it, and checkpoints carry it (polymodal.load)
         self.run_config: dict | None = None
-        self.skipped_samples = 0
+        self.skipped_samples: Counter[str] = Counter()  # reason -> samples, this rank
         self._captions: list[tuple[str, str, dict]] = []
         self._val_tokens: list[tuple[Tensor, Tensor, Tensor]] = []
         self._media_images: Tensor | None = None
@@ -172,29 +186,75 @@ class PretrainModule(L.LightningModule):
             logs.update({f"{name}/{k}": v for k, v in out.logs.items()})
         return total, logs
 
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        """Seed this micro-batch's random choices (masks, hard negatives, dropout) from
+        (seed, rank, step, micro-batch) alone, so a resumed run draws exactly what the
+        uninterrupted one drew, whatever ran in between (loader start, FLOP count)."""
+        micro = batch_idx % self.trainer.accumulate_grad_batches
+        key = f"{self.seed}-{self.global_rank}-{self.global_step}-{micro}"
+        torch.manual_seed(zlib.crc32(key.encode()))
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss, logs = self.step_losses(EncodingCache(self.backbone, batch))
-        self.skipped_samples += int(batch.get("skipped", 0))
+        finite = torch.isfinite(loss.detach())  # every micro-batch of the step counts
+        self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
+        self.skipped_samples.update(batch.get("skipped", {}))
         size = batch["image"].shape[0]
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=size)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size)
         # this rank's running count (a per-step all-reduce would cost a sync every step);
         # on_train_end reports the sum over ranks
-        self.log("data/skipped_samples", float(self.skipped_samples), batch_size=size)
+        self.log("data/skipped_samples", float(self.skipped_samples.total()), batch_size=size)
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps), batch_size=size)
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Skip the update when a loss of the step or a gradient is not finite (every rank
+        agrees), count it, and stop the run after `max_nonfinite_steps` in a row: a
+        diverged run must not go on to write NaN weights as its last and best checkpoints.
+        Under fp16 loss scaling the gradients are left to the scaler, whose routine
+        overflow steps are no divergence. Costs one host sync per optimizer step."""
+        loss_finite, self._loss_finite = self._loss_finite, None
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads:
+            return
+        bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        if getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            bad = ~torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
+        if loss_finite is not None:
+            bad = bad | ~loss_finite
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad.float(), reduce_op="max") > 0
+        if not bad.item():
+            self.nonfinite_in_a_row = 0
+            return
+        optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without grads alone
+        self.nonfinite_steps += 1
+        self.nonfinite_in_a_row += 1
+        log.warning("step %d: non-finite loss or gradient; update skipped", self.global_step)
+        if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
+            raise ConfigError(
+                f"training diverged: {self.nonfinite_in_a_row} optimizer steps in a row had a "
+                f"non-finite loss or gradient (up to step {self.global_step}); lower "
+                "task.optimizer.lr or raise task.scheduler.warmup_steps"
+            )
 
     @torch.no_grad()
     def flops_per_sample(self, batch: dict) -> float:
         """Training FLOPs per sample: the forward FLOPs of every objective on `batch`
-        (torch's FlopCounterMode; the random state is left untouched) times 3, since the
+        (torch's FlopCounterMode; the random state and buffers are left untouched, so a
+        resumed run is not changed by counting again) times 3, since the
         backward pass costs about twice the forward."""
         cuda = [self.device.index] if self.device.type == "cuda" else []
+        buffers = [(b, b.clone()) for b in self.buffers()]  # e.g. BatchNorm statistics
         with (
             torch.random.fork_rng(devices=cuda),
             full_params(self.trainer.model),
             FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter,
         ):
             self.step_losses(EncodingCache(self.backbone, batch))
+        for buffer, saved in buffers:
+            buffer.copy_(saved)
         return 3 * counter.get_total_flops() / batch["image"].shape[0]
 
     def optimizer_step(self, *args, **kwargs) -> None:
@@ -216,19 +276,47 @@ class PretrainModule(L.LightningModule):
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Everything `polymodal.load` needs besides the weights: config and tokenizer."""
+        """Everything `polymodal.load` needs besides the weights: config and tokenizer.
+        Refuses (stopping the run) to write weights that are not finite."""
+        bad = [n for n, t in checkpoint["state_dict"].items() if not torch.isfinite(t).all()]
+        if bad:
+            raise ConfigError(
+                f"step {self.global_step}: {len(bad)} weight tensor(s) are not finite "
+                f"(e.g. {bad[0]}); refusing to save a checkpoint"
+            )
         if self.run_config is not None and self.tokenizer is not None:
             checkpoint["polymodal"] = {
                 "config": self.run_config,
                 "tokenizer": self.tokenizer.__getstate__(),
             }
+        # every rank runs this hook, so the per-rank skip counts can be summed here
+        checkpoint["counters"] = {
+            "skipped_samples": dict(self.total_skipped()),
+            "nonfinite_steps": self.nonfinite_steps,
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Counts continue across a resume (rank 0 carries the skips so far)."""
+        counters = checkpoint.get("counters", {})
+        if self.global_rank == 0:
+            self.skipped_samples = Counter(counters.get("skipped_samples", {}))
+        self.nonfinite_steps = counters.get("nonfinite_steps", 0)
+        self.nonfinite_in_a_row = counters.get("nonfinite_in_a_row", 0)
+
+    def total_skipped(self) -> Counter[str]:
+        """Samples skipped so far on all ranks, by reason (a collective)."""
+        return sum((Counter(c) for c in gather_objects([dict(self.skipped_samples)])), Counter())
 
     def on_train_end(self) -> None:
         """Facts the app reports after fit. Put on callback_metrics because that is all a
         ddp_spawn run sends back to the launching process."""
+        skipped = self.total_skipped()
         facts = {
             "train/global_step": float(self.global_step),
-            "data/skipped_samples": float(sum(gather_objects([self.skipped_samples]))),
+            "data/skipped_samples": float(skipped.total()),
+            "train/nonfinite_steps": float(self.nonfinite_steps),
+            **{f"data/skipped/{reason}": float(n) for reason, n in sorted(skipped.items())},
         }
         if self.trainer.world_size > 1:
             facts["dist/ranks_same_step"] = float(ranks_agree(self.global_step))
@@ -392,7 +480,11 @@ class PretrainModule(L.LightningModule):
             amp = isinstance(self.trainer.precision_plugin, MixedPrecision)
             cfg["fused"] = self.device.type in FUSED_OPTIMIZER_DEVICES and not amp
         optimizer = instantiate(cfg)(param_groups(self, weight_decay))
-        total = self.trainer.estimated_stepping_batches if self.trainer else 0
+        # the schedule spans max_steps: the training stream has no length, and Lightning's
+        # estimated_stepping_batches would set the loaders up early (Lightning issue 20550)
+        total = self.trainer.max_steps if self.trainer else 0
+        if total <= 0:
+            raise ConfigError("trainer.max_steps must be > 0: the learning-rate schedule spans it")
         scheduler = warmup_cosine(
             optimizer,
             warmup_steps=int(self.scheduler_cfg.get("warmup_steps", 0)),

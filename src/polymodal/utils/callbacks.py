@@ -14,6 +14,8 @@ import torch
 import wandb
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from polymodal.utils.checkpoint_io import LAST
+
 log = logging.getLogger(__name__)
 
 
@@ -61,7 +63,10 @@ class LastCheckpoint(ModelCheckpoint):
     """`last.ckpt` every `every_n_train_steps` and when training ends, so the file always
     holds the final weights: `polymodal.load` gets the trained model, and rerunning a
     finished run (auto_resume) resumes at its end instead of redoing the steps after the
-    last periodic save."""
+    last periodic save. The name defaults to the one auto_resume looks for."""
+
+    def __init__(self, dirpath: str | None = None, filename: str = LAST, **kwargs) -> None:
+        super().__init__(dirpath=dirpath, filename=filename, **kwargs)
 
     def on_train_end(self, trainer, pl_module) -> None:
         super().on_train_end(trainer, pl_module)
@@ -82,7 +87,7 @@ class Preemption(L.Callback):
     the loggers are closed before the requeue. Active only inside a SLURM job.
     """
 
-    def __init__(self, dirpath: str, filename: str = "last", signal_name: str = "SIGUSR2"):
+    def __init__(self, dirpath: str, filename: str = LAST, signal_name: str = "SIGUSR2"):
         self.path = Path(dirpath) / f"{filename}.ckpt"
         self.signum = signal.Signals[signal_name]
         self.requested = False
@@ -111,7 +116,10 @@ class Preemption(L.Callback):
         if trainer.world_size > 1:  # one scalar all-reduce per step, only in SLURM jobs
             flag = torch.tensor(float(requested), device=pl_module.device)
             requested = trainer.strategy.reduce(flag, reduce_op="max").item() > 0
-        if requested:
+        # stop only where an optimizer step just happened: a checkpoint inside a gradient
+        # accumulation window would not hold the window's gradients
+        stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+        if requested and (stepped or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch):
             self.stopped = trainer.should_stop = True
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -119,6 +127,9 @@ class Preemption(L.Callback):
             return
         trainer.save_checkpoint(self.path)
         log.warning("saved %s at step %d", self.path, trainer.global_step)
+        for callback in trainer.checkpoint_callbacks:  # don't save that step twice: the
+            if isinstance(callback, LastCheckpoint):  # second would become last-previous
+                callback._last_global_step_saved = trainer.global_step
         # close the loggers while their helper processes still run: the requeue that
         # follows sends SIGTERM to every process of the job (wandb's service included)
         for logger in trainer.loggers:

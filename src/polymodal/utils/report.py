@@ -9,13 +9,17 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from polymodal.utils.files import atomic_write_text
+
 
 def write_metrics(
     metrics: Mapping[str, float], output_dir: str | Path, name: str = "metrics.json"
 ) -> Path:
+    """Write `<output_dir>/<name>` atomically: a kill mid-write leaves the previous file
+    whole, never a truncated one that a sweeper or script then fails to parse."""
     path = Path(output_dir) / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(dict(sorted(metrics.items())), indent=2) + "\n")
+    atomic_write_text(path, json.dumps(dict(sorted(metrics.items())), indent=2) + "\n")
     return path
 
 
