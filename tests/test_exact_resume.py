@@ -149,3 +149,10 @@ def test_killed_run_resumes_bitwise_equal(case, tmp_path, shapes_dir, request):
         second = Counter(k for s in range(per_epoch, STEPS) for k in broken_keys[s])
         assert set(second.values()) == {1}  # the second epoch, so far, without repeats
     assert_bitwise_equal(final_state(whole), final_state(broken))
+    # the counts of skipped samples continue across the resume (nothing counted twice)
+    whole_metrics, broken_metrics = (
+        json.loads((o / "metrics.json").read_text()) for o in (whole, broken)
+    )
+    skipped = {k: v for k, v in whole_metrics.items() if k.startswith("data/skipped")}
+    assert skipped == {k: v for k, v in broken_metrics.items() if k.startswith("data/skipped")}
+    assert (skipped["data/skipped_samples"] > 0) == ("bad" in case)

@@ -146,6 +146,21 @@ def test_a_pickled_payload_is_refused(trained, tmp_path):
     assert not appears(marker, 0.2)
 
 
+def test_resume_refuses_a_pickled_payload(trained, shapes_dir, tmp_path):
+    """As `ckpt_path=`, and as the run's own last.ckpt (auto_resume): checked before
+    Lightning reads it; auto_resume falls back to nothing and stops rather than run it."""
+    marker = tmp_path / "marker"
+    payload = craft(trained, tmp_path / "payload.ckpt", payload=Payload(marker))
+    with pytest.raises(ConfigError, match=r"ckpt_path=.*refused: the file needs code"):
+        train_tiny(tmp_path / "explicit", shapes_dir, f"ckpt_path={payload}")
+    own = tmp_path / "own" / "checkpoints"
+    own.mkdir(parents=True)
+    (own / "last.ckpt").write_bytes(payload.read_bytes())
+    with pytest.raises(ConfigError, match="no checkpoint there loads"):
+        train_tiny(tmp_path / "own", shapes_dir)
+    assert not appears(marker, 0.2)
+
+
 @pytest.mark.parametrize("place", PLACES)
 @pytest.mark.parametrize("target", TARGETS)
 def test_a_hostile_target_is_refused(trained, tmp_path, target, place):
