@@ -177,18 +177,18 @@ def test_wandb_offline_run_writes_a_local_run(tmp_path, shapes_dir, monkeypatch)
 
 
 def test_multirun_sweep_writes_one_output_dir_per_point(tmp_path, shapes_dir):
-    sweep_dir = tmp_path / "sweep"
+    """As a user types it: no hydra.sweep.dir (its default resolves before Hydra's runtime
+    config exists, so it must not need ${hydra:runtime.cwd})."""
     out = run_cli(
         "-m",
         "debug=fdr",
         "data.batch_size=8,16",
         f"paths.shapes_dir={shapes_dir}",
         "data.prepare=null",
-        f"hydra.sweep.dir={sweep_dir}",
         cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    results = sorted(sweep_dir.glob("*/metrics.json"))
+    results = sorted((tmp_path / "logs" / "debug" / "multiruns").glob("*/*/metrics.json"))
     assert [p.parent.name for p in results] == ["0", "1"]
 
 

@@ -36,6 +36,9 @@ RUN_FACTS = (
     "dist/ranks_in_sync",
 )
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+# the launch directory for conf/paths (Hydra's ${hydra:runtime.cwd} is unset while a
+# multirun resolves its sweep dir); jobs run where they were launched (chdir: false)
+OmegaConf.register_new_resolver("polymodal.cwd", os.getcwd, replace=True)
 # held by a live run in its output directory (see output_dir_lock)
 LOCK_FILE = ".polymodal.lock"
 # environment variables that give a process's rank before any process group exists
