@@ -190,7 +190,9 @@ def wait_for_job(slurm: SlurmCluster, sweep: Path, alive) -> str:
 
     def submitted() -> bool:
         alive()
-        found[:] = [p.name for p in (sweep / ".submitit").glob("*") if p.name[0].isdigit()]
+        # job dirs are named by the numeric job id; submitit's pickles (hex names that
+        # may start with a digit) come and go beside them
+        found[:] = [p.name for p in (sweep / ".submitit").glob("*") if p.name.isdigit()]
         return bool(found)
 
     wait_until(submitted, "the job to be submitted")
