@@ -42,7 +42,6 @@ def test_one_nan_step_is_skipped_and_counted(tmp_path, shapes_dir, monkeypatch):
     metrics = train(compose_train([*BASE, "trainer.max_steps=5"], tmp_path, shapes_dir))
     assert metrics["train/global_step"] == 5 and metrics["train/nonfinite_steps"] == 1
     assert all(g is None for g in grads_after_guard[2])  # AdamW skips params without grads
-    assert all(g is not None for g in grads_after_guard[3] if g is not None)
     assert any(g is not None for g in grads_after_guard[3])
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert all(torch.isfinite(t).all() for t in last["state_dict"].values())

@@ -245,41 +245,26 @@ def assert_one_error_line(out: subprocess.CompletedProcess, *names: str) -> None
     assert "Traceback" not in out.stderr and all(n in errors[0] for n in names), errors
 
 
-@pytest.mark.parametrize("crafted", ["payload", "gopen"])
-def test_eval_app_refuses_a_crafted_checkpoint(trained, shapes_dir, tmp_path, crafted):
+@pytest.mark.parametrize(
+    "app,crafted",
+    [("evaluate", "payload"), ("evaluate", "gopen"), ("embed", "payload"), ("embed", "nested")],
+)
+def test_apps_refuse_a_crafted_checkpoint(trained, shapes_dir, tmp_path, app, crafted):
+    """The real CLIs, run as typed in a fresh directory: one error line, nothing run."""
     marker = tmp_path / "marker"
     if crafted == "payload":
         path, name = craft(trained, tmp_path / "c.ckpt", payload=Payload(marker)), REFUSED_GLOBAL
-    else:
+    elif crafted == "gopen":
         node = hostile("webdataset.gopen", marker)
         path, name = craft(trained, tmp_path / "c.ckpt", put("model", node)), "webdataset.gopen"
-    out = run_app(
-        "polymodal.evaluate",
-        f"ckpt_path={path}",
-        "eval=shapes",
-        f"paths.shapes_dir={shapes_dir}",
-        f"hydra.run.dir={tmp_path / 'eval'}",
-        cwd=tmp_path,
-    )
-    assert_one_error_line(out, str(path), name)
-    assert not appears(marker, 0.2)
-
-
-@pytest.mark.parametrize("crafted", ["payload", "subprocess"])
-def test_embed_app_refuses_a_crafted_checkpoint(trained, shapes_dir, tmp_path, crafted):
-    marker = tmp_path / "marker"
-    if crafted == "payload":
-        path, name = craft(trained, tmp_path / "c.ckpt", payload=Payload(marker)), REFUSED_GLOBAL
     else:
         edit = put("task.objectives.itc", hostile("subprocess.run", marker))
         path, name = craft(trained, tmp_path / "c.ckpt", edit), "task.objectives.itc._target_"
-    out = run_app(
-        "polymodal.embed",
-        f"ckpt_path={path}",
-        f"shards={shapes_dir / 'test' / '*.tar'}",
-        f"out_dir={tmp_path / 'emb'}",
-        cwd=tmp_path,
-    )
+    if app == "evaluate":
+        overrides = ["eval=shapes", f"paths.shapes_dir={shapes_dir}"]
+    else:
+        overrides = [f"shards={shapes_dir / 'test' / '*.tar'}", f"out_dir={tmp_path / 'emb'}"]
+    out = run_app(f"polymodal.{app}", f"ckpt_path={path}", *overrides, cwd=tmp_path)
     assert_one_error_line(out, str(path), name)
     assert not appears(marker, 0.2) and not (tmp_path / "emb").exists()
 
