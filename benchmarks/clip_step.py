@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 
 from polymodal.objectives.itc import clip_loss
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "src" / "polymodal" / "conf")
 
 
 def build_backbone(model: str, overrides: list[str]) -> torch.nn.Module:

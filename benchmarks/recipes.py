@@ -1,6 +1,6 @@
 """Train every experiment (or the ones named) on shapes and print its key val metrics.
 
-    python benchmarks/recipes.py                      # all of conf/experiment/
+    python benchmarks/recipes.py                      # all of src/polymodal/conf/experiment/
     python benchmarks/recipes.py itm mlm trainer.max_steps=200   # names, then overrides
 
 Each run is a real `polymodal.train` process (CSV logger, no wandb) writing to
@@ -73,7 +73,7 @@ def main() -> None:
     args = parser.parse_args().args
     names = [a for a in args if "=" not in a]
     overrides = [a for a in args if "=" in a]
-    names = names or sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+    names = names or sorted(p.stem for p in (ROOT / "src" / "polymodal" / "conf" / "experiment").glob("*.yaml"))
     rows = [run(name, overrides) for name in names]
     keys = [k for k in rows[0] if k != "experiment"]
     keys += [k for r in rows for k in r if k not in keys and k != "experiment"]

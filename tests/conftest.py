@@ -12,7 +12,7 @@ from omegaconf import DictConfig, open_dict
 from polymodal.data.shapes import write_shapes
 from polymodal.train import train
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "src" / "polymodal" / "conf")
 
 # Tests never talk to wandb servers and must not pick up a SLURM allocation.
 os.environ["WANDB_MODE"] = "disabled"

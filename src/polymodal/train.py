@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.resources
 import logging
 import os
 import sys
@@ -35,7 +36,8 @@ RUN_FACTS = (
     "dist/ranks_same_step",
     "dist/ranks_in_sync",
 )
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+# the configs ship inside the package (a wheel installs them beside the code)
+CONFIG_DIR = str(importlib.resources.files("polymodal") / "conf")
 # the launch directory for conf/paths (Hydra's ${hydra:runtime.cwd} is unset while a
 # multirun resolves its sweep dir); jobs run where they were launched (chdir: false)
 OmegaConf.register_new_resolver("polymodal.cwd", os.getcwd, replace=True)
