@@ -12,19 +12,17 @@ from __future__ import annotations
 import argparse
 import platform
 import time
-from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from polymodal.objectives.itc import clip_loss
-
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "src" / "polymodal" / "conf")
+from polymodal.utils.cli import CONFIG_DIR
 
 
 def build_backbone(model: str, overrides: list[str]) -> torch.nn.Module:
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(
             "train",
             overrides=[f"model={model}", "paths.root_dir=.", "paths.output_dir=.", *overrides],

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from polymodal.utils.cli import CONFIG_DIR
+
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = {
     "zeroshot/shape_acc": "shape",
@@ -73,7 +75,7 @@ def main() -> None:
     args = parser.parse_args().args
     names = [a for a in args if "=" not in a]
     overrides = [a for a in args if "=" in a]
-    names = names or sorted(p.stem for p in (ROOT / "src" / "polymodal" / "conf" / "experiment").glob("*.yaml"))
+    names = names or sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
     rows = [run(name, overrides) for name in names]
     keys = [k for k in rows[0] if k != "experiment"]
     keys += [k for r in rows for k in r if k not in keys and k != "experiment"]

@@ -11,8 +11,7 @@ from omegaconf import DictConfig, open_dict
 
 from polymodal.data.shapes import write_shapes
 from polymodal.train import train
-
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "src" / "polymodal" / "conf")
+from polymodal.utils.cli import CONFIG_DIR
 
 # Tests never talk to wandb servers and must not pick up a SLURM allocation.
 os.environ["WANDB_MODE"] = "disabled"
@@ -39,7 +38,7 @@ def shapes_dir(tmp_path_factory) -> Path:
 
 def compose_train(overrides: list[str], output_dir: Path, shapes_dir: Path) -> DictConfig:
     """The `polymodal-train` config with paths redirected to temp dirs (as the CLI would)."""
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(
             "train",
             overrides=[

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import socket
+import struct
 import tarfile
 import time
 from pathlib import Path
@@ -41,6 +42,37 @@ def write_uneven_shards(src_dir: Path, out_dir: Path, sizes: list[int]) -> list[
         urls.append(str(path))
     (out_dir / "sizes.json").write_text(json.dumps(counts))
     return urls
+
+
+def read_wandb_run(path: Path) -> dict:
+    """The run record and the final summary of an offline run's `run-<id>.wandb`, which
+    wandb.Api cannot open: a LevelDB-style log (32 KiB blocks, records of 7-byte header
+    crc32 / length / type, FULL=1 FIRST=2 MIDDLE=3 LAST=4) of wandb's protobuf Records."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path}: not a wandb run file")
+    run, summary, pending, pos = None, {}, b"", 7  # file header: ":W&B", magic, version
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # block tail too short for a header: zero padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0:
+            break
+        pending, pos = pending + data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "run":
+                run = record.run
+            elif record.WhichOneof("record_type") == "summary":
+                for item in record.summary.update:
+                    key = item.key or "/".join(item.nested_key)
+                    summary[key] = json.loads(item.value_json)
+    return {"run": run, "summary": summary}
 
 
 def free_port() -> int:

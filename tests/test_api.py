@@ -22,8 +22,10 @@ from polymodal.data.tokenizer import TextTokenizer
 from polymodal.data.transforms import image_transform
 from polymodal.evaluate import captioning, probe, zeroshot_retrieval
 from polymodal.evaluation.captioning import caption_scores
+from polymodal.utils.cli import CONFIG_DIR
 from polymodal.utils.errors import ConfigError
-from tests.conftest import CONF_DIR, train_tiny
+from tests.conftest import train_tiny
+from tests.helpers import read_wandb_run
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +126,9 @@ def test_eval_scores_coco_style_captions_per_image(captioner, shapes_dir, tmp_pa
     shards = write_coco_style_shard(shapes_dir, tmp_path / "coco")
     spec = {
         "shards": shards,
-        "manifest": str(shapes_dir / "manifest.json"),
-        "templates": {"shape": ["a {}"]},
+        "zeroshot": {
+            "shape": {"classes": str(shapes_dir / "manifest.json"), "templates": ["a {}"]}
+        },
         "media_samples": 2,
     }
     metrics = zeroshot_retrieval(model, spec, 5, tmp_path, "coco")
@@ -248,23 +251,61 @@ def test_eval_app_runs_every_shapes_benchmark(trained, shapes_dir, tmp_path):
     }
 
 
+def test_eval_app_logs_metrics_and_media_to_an_offline_wandb_run(trained, shapes_dir, tmp_path):
+    checkpoint, _ = trained
+    run_dir = tmp_path / "eval"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "polymodal.evaluate",
+            f"ckpt_path={checkpoint}",
+            f"paths.shapes_dir={shapes_dir}",
+            f"hydra.run.dir={run_dir}",
+            "~eval.benchmarks.test",
+            "~eval.benchmarks.linear_probe",
+            "logger=wandb",
+            "logger.wandb.project=evals",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "WANDB_MODE": "offline",
+            "WANDB_DIR": str(tmp_path / "wandb_dir"),
+        },
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    metrics = json.loads((run_dir / "eval_metrics.json").read_text())
+    (run_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    logged = read_wandb_run(run_file)
+    assert logged["run"].project == "evals" and logged["run"].display_name == "eval"
+    assert list(logged["run"].tags) == ["eval"]
+    summary = logged["summary"]
+    for key in ("val/zeroshot/shape_acc", "val/retrieval/i2t_r1", "val/samples"):
+        assert summary[key] == pytest.approx(metrics[key]), key
+    assert summary["media/confusion_shape_val/_type"] == "images/separated"
+    assert summary["media/retrieval_val/_type"] == "table-file"
+    assert summary["media/retrieval_val/nrows"] == 8
+
+
 def test_shapes_captioning_eval_adds_captions_to_the_shapes_benchmarks():
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("eval", overrides=["eval=shapes_captioning", "ckpt_path=x"])
     assert list(cfg.eval.benchmarks) == ["val", "test", "linear_probe", "captions"]
     assert cfg.eval.benchmarks.captions.kind == "captioning"
 
 
-def test_linear_probe_takes_class_names_from_the_json_when_no_manifest(trained, shapes_dir):
-    """Class order differs (sorted values vs manifest order); the probe's accuracy does not."""
+def test_linear_probe_takes_its_classes_from_the_train_split(trained, shapes_dir):
+    """No class list: the probe's classes are the values of the train split's json."""
     model = polymodal.load(trained[0])
     spec = {
         "train_shards": str(shapes_dir / "val" / "*.tar"),
         "test_shards": str(shapes_dir / "test" / "*.tar"),
         "labels": ["color", "size"],
     }
-    from_json = probe(model, spec, 64, shapes_dir, "probe")
-    from_manifest = probe(
-        model, {**spec, "manifest": str(shapes_dir / "manifest.json")}, 64, shapes_dir, "probe"
-    )
-    assert from_json == pytest.approx(from_manifest, abs=1e-6)
+    metrics = probe(model, spec, 64, shapes_dir, "probe")
+    assert sorted(metrics) == ["color_acc", "size_acc"]
+    assert all(0 <= value <= 1 for value in metrics.values())

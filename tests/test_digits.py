@@ -20,7 +20,8 @@ from polymodal.data.cli import main
 from polymodal.data.digits import DIGITS, ensure_digits, write_digits
 from polymodal.evaluate import evaluate
 from polymodal.train import train
-from tests.conftest import CONF_DIR, compose_train
+from polymodal.utils.cli import CONFIG_DIR
+from tests.conftest import compose_train
 
 # 8 px: the PNG holds the scan's own pixels, so they can be compared exactly
 SMALL = {"num_val": 150, "num_test": 300, "image_size": 8, "shard_size": 400}
@@ -145,7 +146,7 @@ def test_cli_rejects_impossible_sizes(
 
 
 def test_data_config_prepares_and_reads_a_batch(tmp_path: Path) -> None:
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(
             "train",
             overrides=[f"paths.root_dir={tmp_path}", "data=digits", "data.num_workers=0"],
@@ -183,7 +184,7 @@ def test_training_and_eval_smoke(tmp_path: Path, digits32: Path) -> None:
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
 
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(
             "eval",
             overrides=[

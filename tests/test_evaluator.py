@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from polymodal.evaluation.evaluator import EmbeddingEvaluator
+from polymodal.evaluation.zeroshot import ZeroShotTask
 from tests.helpers import init_gloo, run_ranks
 from tests.test_retrieval import embeddings_for
 
@@ -61,7 +62,7 @@ def test_zero_shot_counts_each_image_once():
     """Image 7 has two captions but is one image: a wrong prediction on it costs 1/2, not 2/3."""
     image = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     metas = [{"image_id": 7, "kind": "b"}, {"image_id": 7, "kind": "b"}, {"kind": "b"}]
-    evaluator = EmbeddingEvaluator(templates={"kind": ["{}"]}, classes={"kind": ["a", "b"]})
+    evaluator = EmbeddingEvaluator({"kind": ZeroShotTask(["a", "b"], ["{}"])})
     evaluator.update(image, torch.eye(3, 2), metas)
 
     def encode_text(prompts: list[str]) -> torch.Tensor:
@@ -72,13 +73,14 @@ def test_zero_shot_counts_each_image_once():
     assert evaluator.confusion["kind"].tolist() == [[0, 0], [1, 1]]
 
 
-def test_class_names_default_to_the_values_in_the_samples_json():
-    """No class list and no manifest: the classes are the attribute's values, sorted."""
-    metas = [{"digit": "seven"}, {"digit": "one"}, {"digit": "seven"}, {}]
-    evaluator = EmbeddingEvaluator(templates={"digit": ["the number {}"]}, retrieval=False)
-    evaluator.update(torch.eye(4, 2), torch.eye(4, 2), metas)
-    assert evaluator.classes("digit") == ["one", "seven"]
-    assert evaluator.labels("digit").tolist() == [1, 0, 1, -1]
+def test_labels_match_class_names_and_numbers_their_text():
+    """A json value names its class; a number matches the class named by its digits;
+    a sample without the field, or with a value outside the list, is not scored."""
+    metas = [{"digit": 7}, {"digit": "one"}, {"digit": "7"}, {}, {"digit": "two"}]
+    task = ZeroShotTask(["one", "7"], ["the number {}"])
+    evaluator = EmbeddingEvaluator({"digit": task}, retrieval=False)
+    evaluator.update(torch.eye(5, 2), torch.eye(5, 2), metas)
+    assert evaluator.labels("digit").tolist() == [1, 0, 1, -1, -1]
 
     def encode_text(prompts: list[str]) -> torch.Tensor:
         return torch.tensor([[0.0, 1.0] if "one" in p else [1.0, 0.0] for p in prompts])

@@ -46,7 +46,9 @@ def test_mlm_masking_rates_and_specials():
     ids[:, 0], ids[:, 15] = 2, 3  # BOS, EOS
     ids[:, 16:] = 0  # padding
     mask = ids != 0
-    inputs, labels = mask_tokens(ids, mask, mask_id=4, num_special=5, vocab_size=100, generator=gen)
+    inputs, labels = mask_tokens(
+        ids, mask, mask_id=4, special_ids=torch.arange(5), vocab_size=100, generator=gen
+    )
     chosen = labels != IGNORE_INDEX
     assert not chosen[:, 0].any() and not chosen[:, 15:].any()  # BOS, EOS, padding
     assert chosen.any(dim=1).all()  # at least one per sequence
@@ -58,6 +60,21 @@ def test_mlm_masking_rates_and_specials():
     assert abs(masked - 0.8) < 0.03
     assert abs(kept - 0.1) < 0.03 + 0.01  # random replacements can hit the same id
     assert torch.equal(inputs[~chosen], ids[~chosen])
+    assert not torch.isin(inputs[chosen], torch.arange(4)).any()  # no random special
+
+
+def test_mlm_never_masks_specials_at_the_end_of_the_vocabulary():
+    """GPT-2's <|endoftext|> (bos = eos = pad) is its last id, not one of the first."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 98, (200, 12), generator=gen)
+    ids[:, 0], ids[:, 8:] = 99, 99  # bos, eos + padding
+    mask = torch.arange(12) < 9
+    inputs, labels = mask_tokens(
+        ids, mask, mask_id=98, special_ids=torch.tensor([98, 99]), vocab_size=100, generator=gen
+    )
+    chosen = labels != IGNORE_INDEX
+    assert chosen.any(dim=1).all() and not chosen[:, 0].any() and not chosen[:, 8].any()
+    assert (inputs[chosen & (inputs != 98)] < 98).all()
 
 
 def test_patchify_and_masking():

@@ -15,9 +15,10 @@ from PIL import Image
 from polymodal.data.digits import write_digits
 from polymodal.data.shapes import write_shapes
 from polymodal.train import train
-from tests.conftest import CONF_DIR, compose_train
+from polymodal.utils.cli import CONFIG_DIR
+from tests.conftest import compose_train
 
-EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +36,7 @@ def test_experiment_fast_dev_run(experiment, tmp_path, shapes_dir, digits_dir):
     assert metrics["train/global_step"] == 1
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert written == pytest.approx(metrics)
-    keys = [f"val/zeroshot/{attribute}_acc" for attribute in cfg.data.zeroshot.templates]
+    keys = [f"val/zeroshot/{attribute}_acc" for attribute in cfg.data.zeroshot]
     if cfg.task.evaluation.retrieval:
         keys.append("val/retrieval/i2t_r1")
     for key in ["val/zeroshot/mean_acc", *keys]:
@@ -89,13 +90,6 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         text=True,
         timeout=300,
     )
-
-
-def test_help_lists_config_groups(tmp_path):
-    out = run_cli("--help", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    for group in ("data", "model", "task", "trainer", "logger", "callbacks", "experiment", "debug"):
-        assert f"{group}:" in out.stdout
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from polymodal.data.datamodule import (
     KeySplitter,
     SampleDecoder,
     expand_shards,
+    shard_sizes,
     tar_samples,
 )
 from polymodal.data.tokenizer import TextTokenizer
@@ -27,6 +28,7 @@ from polymodal.data.transforms import image_transform
 from polymodal.evaluation.zeroshot import build_zeroshot_classifier
 from polymodal.tasks.pretrain import PretrainModule
 from polymodal.utils.checkpoint import check_targets, read_checkpoint
+from polymodal.utils.cli import interactive, progress_bar
 from polymodal.utils.errors import ConfigError
 
 
@@ -119,26 +121,30 @@ class Polymodal:
     ) -> dict:
         """Embeddings of every usable sample of a shard set, in shard order:
         {keys, image [N, D], text [N, D], captions, meta, skipped, images}. `images` holds
-        the first `keep_images` preprocessed images (for pictures of the results)."""
+        the first `keep_images` preprocessed images (for pictures of the results). A
+        terminal shows a progress bar (samples, from the shards' sizes.json)."""
         skipped: list[str] = []
         keys, captions, metas, images, texts, kept, batch = [], [], [], [], [], [], []
+        urls = expand_shards(shards, "shards")
 
         def flush() -> None:
             images.append(self.encode_image(torch.stack([s["image"] for s in batch])).cpu())
             texts.append(self.encode_text([s["text"] for s in batch]).cpu())
+            advance(len(batch))
             batch.clear()
 
-        for sample in self.read_shards(shards, skipped, image_keys, text_keys):
-            keys.append(sample["key"])
-            captions.append(sample["text"])
-            metas.append(sample["meta"])
-            if len(kept) < keep_images:
-                kept.append(sample["image"])
-            batch.append(sample)
-            if len(batch) == batch_size:
+        with progress_bar("embedding", _sample_count(urls)) as advance:
+            for sample in self.read_shards(urls, skipped, image_keys, text_keys):
+                keys.append(sample["key"])
+                captions.append(sample["text"])
+                metas.append(sample["meta"])
+                if len(kept) < keep_images:
+                    kept.append(sample["image"])
+                batch.append(sample)
+                if len(batch) == batch_size:
+                    flush()
+            if batch:
                 flush()
-        if batch:
-            flush()
         if not keys:
             raise ValueError(f"shards {shards!r}: no usable sample ({len(skipped)} skipped)")
         return {
@@ -154,6 +160,17 @@ class Polymodal:
     def generate(self, images: Sequence[Image.Image] | Tensor, **kwargs) -> list[str]:
         """Captions (for checkpoints with a decoder); kwargs as `PretrainModule.generate`."""
         return self.module.generate(self.preprocess(images), **kwargs)
+
+
+def _sample_count(urls: Sequence[str]) -> int | None:
+    """The progress bar's total: None when no bar is shown (counting shards without a
+    sizes.json reads their tar headers) or when remote shards have no count."""
+    if not interactive():
+        return None
+    try:
+        return sum(shard_sizes(urls, "shards"))
+    except ConfigError:
+        return None
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> Polymodal:

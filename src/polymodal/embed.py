@@ -12,16 +12,14 @@ characters escaped), since a key is a tar member name and may hold any of them:
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-import hydra
 import numpy as np
 from omegaconf import DictConfig
 
 import polymodal
-from polymodal.train import CONFIG_DIR
-from polymodal.utils.errors import ConfigError
+from polymodal.utils.cli import hydra_app
+from polymodal.utils.validate import check_types
 
 
 def embed(cfg: DictConfig) -> dict:
@@ -43,13 +41,10 @@ def embed(cfg: DictConfig) -> dict:
     }
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="embed")
+@hydra_app("embed")
 def main(cfg: DictConfig) -> None:
-    try:
-        summary = embed(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    check_types(cfg)
+    summary = embed(cfg)
     print(
         f"embedded {summary['samples']} samples (dim {summary['dim']}, "
         f"{summary['skipped']} skipped) -> {summary['out_dir']}"

@@ -3,14 +3,15 @@
     polymodal-eval ckpt_path=logs/train/runs/<time>/checkpoints/last.ckpt eval=shapes
 
 Each entry of `eval.benchmarks` names a `kind`:
-- `zeroshot_retrieval`: zero-shot top-1/top-5/mean per-class accuracy per labelled
-  attribute (`templates`; class names from `classes`, the `manifest`, or the values in
-  the samples' json; confusion
+- `zeroshot_retrieval`: zero-shot top-1/top-5/mean per-class accuracy per attribute of
+  `zeroshot` (`<attribute>: {classes, templates, phrases}`, as `data.zeroshot`; classes
+  `values` are those in the json of `shards`; confusion
   matrices to `confusion/<name>_<attribute>.json` and `media/confusion_<attribute>_<name>.png`),
   and image<->text retrieval on `shards` (captions sharing a json `group_by` value, COCO's
   `image_id`, are one image; examples to `media/retrieval_<name>.{csv,png}`);
 - `linear_probe`: logistic regression on frozen image embeddings of `train_shards`,
-  top-1 accuracy on `test_shards`, for each attribute in `labels`;
+  top-1 accuracy on `test_shards`, for each json attribute in `labels` (classes: the
+  values in the train split);
 - `captioning` (checkpoints with a decoder): BLEU-4 and CIDEr of captions generated for
   the first `max_samples` images of `shards` against all of each image's captions;
   every generated caption to `captions/<name>.jsonl`.
@@ -19,23 +20,28 @@ Each entry of `eval.benchmarks` names a `kind`:
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-import hydra
 import torch
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 import polymodal
 from polymodal.api import Polymodal
+from polymodal.data.shardtools import values_reader
 from polymodal.evaluation.captioning import attribute_match_rate, caption_scores
-from polymodal.evaluation.evaluator import EmbeddingEvaluator, image_of
+from polymodal.evaluation.evaluator import EmbeddingEvaluator, image_of, label_indices
 from polymodal.evaluation.linear_probe import linear_probe
 from polymodal.evaluation.media import retrieval_examples, write_media
-from polymodal.train import CONFIG_DIR
+from polymodal.evaluation.zeroshot import label_name, sorted_labels, zeroshot_tasks
+from polymodal.train import finish_wandb
+from polymodal.utils.cli import hydra_app
 from polymodal.utils.errors import ConfigError
+from polymodal.utils.instantiate import instantiate_group
+from polymodal.utils.loggers import log_eval_files
 from polymodal.utils.report import print_metrics, write_metrics
+from polymodal.utils.validate import check_types
 
 
 def zeroshot_retrieval(
@@ -43,14 +49,14 @@ def zeroshot_retrieval(
 ) -> dict[str, float]:
     """Zero-shot + retrieval metrics; each attribute's confusion matrix goes to
     `<out_dir>/confusion/<name>_<attribute>.json`."""
+    where = f"eval.benchmarks.{name}"
+    values = values_reader(spec["shards"], f"{where}.shards")
+    zeroshot = zeroshot_tasks(spec.get("zeroshot"), f"{where}.zeroshot", values)
     retrieval = spec.get("retrieval", True)
     examples = spec.get("media_samples", 8) if retrieval else 0
     data = model.embed_shards(spec["shards"], batch_size, keep_images=examples)
     evaluator = EmbeddingEvaluator(
-        templates=spec.get("templates"),
-        classes=spec.get("classes"),
-        phrases=spec.get("phrases"),
-        manifest=spec.get("manifest"),
+        zeroshot,
         retrieval=retrieval,
         group_by=spec.get("group_by", "image_id"),
     )
@@ -78,19 +84,17 @@ def probe(
 ) -> dict[str, float]:
     train = model.embed_shards(spec["train_shards"], batch_size)
     test = model.embed_shards(spec["test_shards"], batch_size)
-    # class names from `classes`, the manifest, or the train split's json values
-    train_labels = EmbeddingEvaluator(classes=spec.get("classes"), manifest=spec.get("manifest"))
-    train_labels.update(train["image"], train["text"], train["meta"])
-    classes = {attribute: train_labels.classes(attribute) for attribute in spec["labels"]}
-    test_labels = EmbeddingEvaluator(classes=classes)
-    test_labels.update(test["image"], test["text"], test["meta"])
     metrics = {}
     for attribute in spec["labels"]:
+        # the classes are the train split's values (test values outside them are not scored)
+        classes = sorted_labels(
+            name for m in train["meta"] if (name := label_name(m.get(attribute))) is not None
+        )
         result = linear_probe(
             train["image"],
-            train_labels.labels(attribute),
+            label_indices(train["meta"], attribute, classes),
             test["image"],
-            test_labels.labels(attribute),
+            label_indices(test["meta"], attribute, classes),
         )
         metrics[f"{attribute}_acc"] = result["acc"]
     return metrics
@@ -167,15 +171,27 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+def log_results(cfg: DictConfig, metrics: dict[str, float], out_dir: Path) -> None:
+    """The metrics to every logger of `cfg.logger` (none unless asked, e.g. logger=wandb),
+    and to wandb also the pictures, tables and captions the benchmarks wrote."""
+    loggers = instantiate_group(cfg.get("logger"), "logger")
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_metrics(metrics)
+        if isinstance(logger, WandbLogger):
+            log_eval_files(logger, out_dir)
+        logger.save()
+    if loggers:
+        finish_wandb()
+
+
+@hydra_app("eval")
 def main(cfg: DictConfig) -> None:
+    check_types(cfg)
     out_dir = Path(cfg.paths.output_dir)
-    try:
-        metrics = evaluate(cfg, out_dir)
-    except (ConfigError, FileNotFoundError, ValueError, KeyError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    metrics = evaluate(cfg, out_dir)
     write_metrics(metrics, out_dir, "eval_metrics.json")
+    log_results(cfg, metrics, out_dir)
     print_metrics(metrics, out_dir, title="evaluation")
 
 

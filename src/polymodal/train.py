@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.resources
 import logging
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import hydra
 import lightning as L
 import wandb
 from hydra.utils import instantiate
@@ -20,9 +17,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from polymodal.utils.checkpoint import read_checkpoint
 from polymodal.utils.checkpoint_io import LAST, previous_path
+from polymodal.utils.cli import hydra_app
 from polymodal.utils.errors import ConfigError
 from polymodal.utils.files import LockHeld, remove_stale_temps, try_lock
 from polymodal.utils.instantiate import instantiate_group
+from polymodal.utils.loggers import run_name, sweep_group
+from polymodal.utils.monitor import metric_mode, optimized_metric
+from polymodal.utils.overrides import replaces_specs
 from polymodal.utils.report import print_metrics, write_metrics
 from polymodal.utils.validate import check_types
 
@@ -36,11 +37,19 @@ RUN_FACTS = (
     "dist/ranks_same_step",
     "dist/ranks_in_sync",
 )
-# the configs ship inside the package (a wheel installs them beside the code)
-CONFIG_DIR = str(importlib.resources.files("polymodal") / "conf")
 # the launch directory for conf/paths (Hydra's ${hydra:runtime.cwd} is unset while a
 # multirun resolves its sweep dir); jobs run where they were launched (chdir: false)
 OmegaConf.register_new_resolver("polymodal.cwd", os.getcwd, replace=True)
+# the wandb group and run name of a sweep's jobs (conf/logger/wandb.yaml)
+OmegaConf.register_new_resolver("polymodal.sweep_group", sweep_group, replace=True)
+OmegaConf.register_new_resolver("polymodal.run_name", run_name, replace=True)
+# the best checkpoint's monitor and mode (conf/callbacks): `optimized_metric`, auto resolved
+OmegaConf.register_new_resolver(
+    "polymodal.optimized_metric", lambda *, _root_: optimized_metric(_root_), replace=True
+)
+OmegaConf.register_new_resolver(
+    "polymodal.metric_mode", lambda *, _root_: metric_mode(optimized_metric(_root_)), replace=True
+)
 # held by a live run in its output directory (see output_dir_lock)
 LOCK_FILE = ".polymodal.lock"
 # environment variables that give a process's rank before any process group exists
@@ -82,8 +91,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     the output directory's lock (a second run there is refused).
 
     Returns the final metrics (the app prints them as a table)."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:  # `???` in a preset (data=webdataset): the user must give these
+        raise ConfigError(f"{', '.join(missing)}: required, not set (e.g. {missing[0]}=...)")
     check_types(cfg)
     with output_dir_lock(cfg):
+        ckpt_path = resume_from(cfg)  # before building anything: a bad file fails at once
         if cfg.get("seed") is not None:
             L.seed_everything(cfg.seed, workers=True)
         datamodule = instantiate(cfg.data)
@@ -98,7 +111,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
         if cfg.get("validate_before_training"):
             trainer.validate(module, datamodule=datamodule, verbose=False)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from(cfg), weights_only=True)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         fit_metrics = trainer.callback_metrics
         facts = {k: float(v) for k, v in fit_metrics.items() if k.startswith(RUN_FACTS)}
         # a finished run resumed again trains nothing, and Lightning then skips on_train_end
@@ -179,19 +192,16 @@ def check_resumable(path: str | Path) -> None:
         raise ConfigError(f"{path}: not a Lightning checkpoint (no state_dict)")
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@replaces_specs
+@hydra_app("train")
 def main(cfg: DictConfig) -> float | None:
     try:
         metrics = train(cfg)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
     finally:
         finish_wandb()
     if rank_zero_only.rank == 0:
         print_metrics(metrics, cfg.paths.output_dir)  # last, after wandb's own summary
-    metric = cfg.get("optimized_metric")
-    return metrics.get(metric) if metric else None
+    return metrics.get(optimized_metric(cfg))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from PIL import Image
 from polymodal.data.datamodule import DEFAULT_MAX_PIXELS
 from polymodal.data.tario import add_sample, atomic_tar, dataset_lock, write_json
 from polymodal.data.tokenizer import train_tokenizer
+from polymodal.utils.cli import progress_bar
 from polymodal.utils.errors import ConfigError, SkippedSample
 from polymodal.utils.files import atomic_file, remove_stale_temps
 
@@ -258,11 +259,12 @@ def build_shards(
     resume: bool = False,
     strict: bool = False,
     tokenizer_vocab: int | None = None,
-    progress: bool = False,
+    total_rows: int | None = None,
 ) -> dict:
     """Write the shards, sizes.json, manifest.json and skipped.jsonl; returns the manifest.
     Holds the output directory's lock, so a second build into it waits (and then finds
-    the shards: an error, or nothing left to do with --resume)."""
+    the shards: an error, or nothing left to do with --resume). A terminal shows a
+    progress bar of rows (`total_rows`, when known)."""
     out = Path(out_dir)
     with dataset_lock(out):
         if any(out.glob(f"{prefix}-*.tar")) and not resume:
@@ -277,14 +279,14 @@ def build_shards(
         shards: dict[int, dict] = {}
         chunks = _chunks(rows, shard_size)
         pending = _pending_shards(chunks, encoding, state_dir, shards, seen_keys)
-        bar = _progress_bar(progress)
-        with ProcessPoolExecutor(max_workers=workers) if workers > 1 else _Serial() as pool:
+        pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else _Serial()
+        with pool, progress_bar("building shards (rows)", total_rows) as advance:
             # a few shards in flight at a time: memory stays bounded for any input size
             for window in _chunks(pending, 2 * workers):
                 for index, processed in pool.map(_shard_samples, window):
                     shards[index] = _write_shard(out, prefix, index, processed, seen_keys, strict)
                     write_json(state_dir / f"{index:06d}.json", shards[index])
-                    bar(len(processed))
+                    advance(len(processed))
         return _finish(out, [shards[i] for i in sorted(shards)], tokenizer_vocab)
 
 
@@ -371,15 +373,3 @@ def _finish(out: Path, shards: list[dict], tokenizer_vocab: int | None) -> dict:
         manifest["tokenizer"] = "tokenizer.json"
     write_json(out / "manifest.json", manifest)
     return manifest
-
-
-def _progress_bar(enabled: bool):
-    """A callable advancing a rich progress bar by n rows (a no-op when disabled)."""
-    if not enabled:
-        return lambda n: None
-    from rich.progress import Progress
-
-    progress = Progress(transient=True)
-    progress.start()
-    task = progress.add_task("building shards", total=None)
-    return lambda n: progress.advance(task, n)

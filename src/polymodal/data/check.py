@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -17,6 +16,7 @@ from polymodal.data.datamodule import (
     IMAGE_KEYS,
     KeySplitter,
 )
+from polymodal.data.tario import read_samples
 
 IMAGE_EXTENSIONS = IMAGE_KEYS
 TEXT_EXTENSIONS = ("txt", "caption")
@@ -24,28 +24,12 @@ TEXT_EXTENSIONS = ("txt", "caption")
 split_key = KeySplitter((*IMAGE_EXTENSIONS, *TEXT_EXTENSIONS, "json"))
 
 
-def samples(shard: str) -> Iterator[tuple[str, dict[str, bytes] | None, str | None]]:
-    """(key, {extension: bytes}, error) per sample; a truncated or unreadable tar ends with
-    an entry whose error says so."""
-    current, members = None, {}
-    try:
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, extension = split_key(member.name)
-                if key != current and current is not None:
-                    yield current, members, None
-                    members = {}
-                current = key
-                members[extension] = tar.extractfile(member).read()
-    except (tarfile.TarError, OSError, EOFError) as err:
-        if current is not None:
-            yield current, members, None
-        yield "<tar>", None, f"unreadable tar ({type(err).__name__}: {err})"
-        return
-    if current is not None:
-        yield current, members, None
+def samples(
+    shard: str, read: Collection[str] | None = None
+) -> Iterator[tuple[str, dict[str, bytes] | None, str | None]]:
+    """(key, {extension: bytes}, error) per sample, keys split as training splits them
+    (see `tario.read_samples`)."""
+    return read_samples(shard, split_key, read)
 
 
 def sample_problems(members: dict[str, bytes]) -> list[str]:
@@ -97,15 +81,21 @@ def verify(shards: Sequence[str]) -> tuple[int, list[str]]:
 
 
 def inspect(shards: Sequence[str], show: int = 5) -> dict:
-    """Counts, member extensions, the first keys and a few samples (caption, image size)."""
+    """Counts, member extensions, a few samples (caption, image size), and the bad samples
+    (as `verify` finds them) counted by problem with the first `show` of them named;
+    unlike `verify` a bad sample is only counted."""
     per_shard, extensions, examples = {}, Counter(), []
+    problems, bad_samples = Counter(), []
     for shard in shards:
         count = 0
         for key, members, error in samples(shard):
-            if error:
+            found = [error] if error else sample_problems(members)
+            if found:
+                problems.update(found)
+                bad_samples.append(f"{shard}:{key}")
                 continue
             count += 1
-            extensions.update(members)
+            extensions.update(members.keys())
             if len(examples) < show:
                 examples.append(describe(key, members))
         per_shard[shard] = count
@@ -115,6 +105,9 @@ def inspect(shards: Sequence[str], show: int = 5) -> dict:
         "per_shard": per_shard,
         "extensions": dict(extensions),
         "examples": examples,
+        "bad": len(bad_samples),
+        "problems": dict(problems),
+        "bad_samples": bad_samples[:show],
     }
 
 
@@ -139,7 +132,7 @@ def contact_sheet(shards: Sequence[str], path: Path, count: int = 16, thumb: int
                 continue
             image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
             text = next((members[e] for e in TEXT_EXTENSIONS if e in members), b"")
-            if image is not None:
+            if image is not None and not sample_problems(members):
                 tile = Image.open(io.BytesIO(image)).convert("RGB")
                 tile.thumbnail((thumb, thumb))
                 tiles.append((tile, text.decode("utf-8", errors="replace").strip()))

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from polymodal.data import build, check
+from polymodal.data import build, check, shardtools
 from polymodal.data.datamodule import expand_shards
 from polymodal.data.digits import ensure_digits, write_digits
 from polymodal.data.shapes import ensure_shapes, write_shapes
+from polymodal.data.tokenizer import train_tokenizer
+from polymodal.evaluation.zeroshot import sorted_labels
+from polymodal.utils import cli
 from polymodal.utils.errors import ConfigError
+from polymodal.utils.files import atomic_write_text
 
 
 def _add_builtin_arguments(
@@ -117,13 +121,13 @@ def _add_build_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_run_build)
 
 
-def _run_build(args: argparse.Namespace) -> int:
+def _read_rows(args: argparse.Namespace) -> Iterator[build.Row]:
     if args.coco:
-        rows = build.coco_rows(args.coco, args.image_root)
-    elif args.audio_root:
+        return build.coco_rows(args.coco, args.image_root)
+    if args.audio_root:
         if args.captions is None:
             raise ConfigError("--audio-root needs --captions (a table with audio and caption)")
-        rows = build.table_rows(
+        return build.table_rows(
             args.captions,
             args.audio_root,
             args.audio_column,
@@ -131,14 +135,18 @@ def _run_build(args: argparse.Namespace) -> int:
             args.key_column,
             kind="audio",
         )
-    else:
-        rows = build.table_rows(
-            args.input, args.image_root, args.image_column, args.caption_column, args.key_column
-        )
+    return build.table_rows(
+        args.input, args.image_root, args.image_column, args.caption_column, args.key_column
+    )
+
+
+def _run_build(args: argparse.Namespace) -> int:
+    # the progress bar's total: one extra pass over the table (cheap beside the images)
+    total_rows = sum(1 for _ in _read_rows(args)) if cli.interactive() else None
     encoding = build.Encoding(args.image_size or None, args.format, args.max_pixels)
     start = time.perf_counter()
     manifest = build.build_shards(
-        rows,
+        _read_rows(args),
         args.out,
         prefix=args.prefix,
         shard_size=args.shard_size,
@@ -147,7 +155,7 @@ def _run_build(args: argparse.Namespace) -> int:
         resume=args.resume,
         strict=args.strict,
         tokenizer_vocab=args.tokenizer_vocab,
-        progress=sys.stderr.isatty(),
+        total_rows=total_rows,
     )
     seconds = time.perf_counter() - start
     skipped = ", ".join(f"{k} {v}" for k, v in sorted(manifest["skipped"].items())) or "none"
@@ -186,11 +194,76 @@ def _run_inspect(args: argparse.Namespace) -> int:
     for shard, count in summary["per_shard"].items():
         print(f"  {shard}: {count}")
     print("members: " + ", ".join(f".{e} x{n}" for e, n in sorted(summary["extensions"].items())))
+    if summary["bad"]:
+        problems = ", ".join(f"{p} x{n}" for p, n in sorted(summary["problems"].items()))
+        named = ", ".join(summary["bad_samples"])
+        print(f"bad samples: {summary['bad']} ({problems}), e.g. {named}")
     for example in summary["examples"]:
         print(json.dumps(example, ensure_ascii=False))
     if args.sheet:
         count = check.contact_sheet(shards, args.sheet)
         print(f"contact sheet of {count} images: {args.sheet}")
+    return 0
+
+
+def _add_shard_tool_parsers(subparsers: argparse._SubParsersAction) -> None:
+    count = subparsers.add_parser(
+        "count", help="count each shard's samples (tar headers) into the sizes.json beside it"
+    )
+    count.add_argument("shards", help="shard pattern (braces, globs, '::')")
+    count.set_defaults(func=_run_count)
+    tokenizer = subparsers.add_parser(
+        "tokenizer", help="train a BPE tokenizer.json on the shards' captions"
+    )
+    tokenizer.add_argument("shards", help="shard pattern (braces, globs, '::')")
+    tokenizer.add_argument("--out", type=Path, required=True, help="tokenizer.json to write")
+    tokenizer.add_argument("--vocab", type=int, default=8000, help="vocabulary size")
+    tokenizer.add_argument(
+        "--text-keys", nargs="+", default=list(check.TEXT_EXTENSIONS), help="caption members"
+    )
+    tokenizer.set_defaults(func=_run_tokenizer)
+    values = subparsers.add_parser(
+        "values", help="distinct values of a json field (or member, e.g. cls) with counts"
+    )
+    values.add_argument("shards", help="shard pattern (braces, globs, '::')")
+    values.add_argument("--field", required=True, help="json field, else member extension")
+    values.add_argument("--out", type=Path, default=None, help="write one value per line")
+    values.set_defaults(func=_run_values)
+
+
+def _run_count(args: argparse.Namespace) -> int:
+    shards = expand_shards(args.shards, "shards")
+    counts = shardtools.write_sizes(shards)
+    written = sorted({str(Path(shard).parent / "sizes.json") for shard in shards})
+    print(f"count: {sum(counts.values())} samples in {len(shards)} shards -> {', '.join(written)}")
+    return 0
+
+
+def _run_tokenizer(args: argparse.Namespace) -> int:
+    shards = expand_shards(args.shards, "shards")
+    texts = list(shardtools.captions(shards, args.text_keys))
+    if not texts:
+        raise ConfigError(f"{args.shards}: no caption member ({' '.join(args.text_keys)})")
+    tokenizer = train_tokenizer(texts, args.out, args.vocab)
+    print(
+        f"tokenizer: {tokenizer.get_vocab_size()} tokens from {len(texts)} captions -> "
+        f"{args.out} (model.vocab_size must be at least this)"
+    )
+    return 0
+
+
+def _run_values(args: argparse.Namespace) -> int:
+    shards = expand_shards(args.shards, "shards")
+    counts = shardtools.field_values(shards, args.field)
+    if not counts:
+        raise ConfigError(f"{args.shards}: no sample has a json field or member {args.field!r}")
+    names = sorted_labels(counts)
+    for name in names:
+        print(f"{counts[name]:>8}  {name}")
+    print(f"values: {len(names)} distinct {args.field!r} in {counts.total()} samples")
+    if args.out:
+        atomic_write_text(args.out, "".join(f"{name}\n" for name in names))
+        print(f"one per line -> {args.out}")
     return 0
 
 
@@ -201,12 +274,16 @@ def main(argv: list[str] | None = None) -> int:
     _add_digits_parser(subparsers)
     _add_build_parser(subparsers)
     _add_check_parsers(subparsers)
+    _add_shard_tool_parsers(subparsers)
+    for choice in subparsers._choices_actions:  # `<command> --help` opens with its summary
+        subparsers.choices[choice.dest].description = choice.help
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except Exception as err:
+        if cli.report(err):  # one line for a user error (utils/cli.py); a bug keeps its traceback
+            return 1
+        raise
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import signal
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -29,6 +30,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander, url_opener
 
+from polymodal.data.tario import count_samples
 from polymodal.data.tokenizer import TextTokenizer
 from polymodal.data.transforms import image_transform
 from polymodal.utils.errors import ConfigError, SkippedSample
@@ -40,6 +42,7 @@ DEFAULT_MAX_PIXELS = 89_478_485  # PIL's decompression-bomb threshold
 DEFAULT_MAX_CAPTION_BYTES = 65_536  # ~10k words: far past any text tower's context
 PAD_POOL = 16  # decoded samples a reader keeps to fill in for skipped ones
 TEXT_KEYS = ("txt",)
+DEFAULT_EXTENSIONS = (*IMAGE_KEYS, *TEXT_KEYS, "json")
 
 
 def _expand_one(pattern: str) -> list[str]:
@@ -64,10 +67,15 @@ def expand_shards(pattern: str | Sequence[str], field: str) -> list[str]:
     return urls
 
 
-def shard_sizes(urls: Sequence[str], field: str) -> list[int]:
+def shard_sizes(
+    urls: Sequence[str], field: str, split_key: Callable[[str], tuple[str, str]] | None = None
+) -> list[int]:
     """Sample count of each shard: from the `sizes.json` next to it (open_clip convention),
-    else from img2dataset's `<shard>_stats.json` (`successes`)."""
-    sizes, cache = [], {}
+    else from img2dataset's `<shard>_stats.json` (`successes`), else counted from the tar's
+    member headers (no decoding; `split_key` groups members into samples as training does),
+    with one log line for all counted shards."""
+    sizes, cache, counted = [], {}, []
+    start = time.perf_counter()
     for url in urls:
         path = Path(url)
         sizes_file = path.parent / "sizes.json"
@@ -78,11 +86,23 @@ def shard_sizes(urls: Sequence[str], field: str) -> list[int]:
             sizes.append(int(cache[sizes_file][path.name]))
         elif stats_file.exists():
             sizes.append(int(json.loads(stats_file.read_text())["successes"]))
+        elif "://" not in url:
+            sizes.append(count_samples(url, split_key or KeySplitter(DEFAULT_EXTENSIONS)))
+            counted.append(sizes[-1])
         else:
             raise ConfigError(
                 f"{field}: no sample count for {url} in {sizes_file} or {stats_file.name}; "
                 "write a sizes.json (or stream with data.resampled=true and data.train_samples)"
             )
+    if counted:
+        log.info(
+            "%s: no sizes.json entry for %d shard(s); counted %d samples from their tar "
+            "headers in %.1fs (`polymodal-data count` writes a sizes.json)",
+            field,
+            len(counted),
+            sum(counted),
+            time.perf_counter() - start,
+        )
     return sizes
 
 
@@ -204,7 +224,7 @@ class ShardedSamples(IterableDataset):
     """Decoded, batched samples: this rank's and this worker's share of one epoch.
 
     Non-resampled: the shards, shuffled with (seed, epoch) (the same order on every rank),
-    are read as one sequence of samples (counts from sizes.json); each (rank, worker)
+    are read as one sequence of samples (counts from `shard_sizes`); each (rank, worker)
     takes a contiguous range of it, so every sample of an epoch goes to exactly one
     reader, and only a boundary shard is opened by two readers (each skips the other's
     part). Resampled: each (rank, worker) draws shards with replacement.
@@ -432,6 +452,7 @@ class WebDataModule(L.LightningDataModule):
         train_shards: str | Sequence[str],
         val_shards: str | Sequence[str] | None,
         tokenizer: str,
+        special_tokens: Mapping[str, str | None] | None = None,
         batch_size: int = 128,
         val_batch_size: int | None = None,
         num_workers: int = 1,
@@ -455,6 +476,7 @@ class WebDataModule(L.LightningDataModule):
         super().__init__()
         self.train_shards, self.val_shards = train_shards, val_shards
         self.tokenizer_path, self.context_length = tokenizer, context_length
+        self.special_tokens = special_tokens
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
@@ -466,6 +488,7 @@ class WebDataModule(L.LightningDataModule):
         self.prepare = prepare
         self.zeroshot = zeroshot
         self.worker_start_method = worker_start_method
+        self.counts: dict[tuple[str, ...], list[int]] = {}  # shard list -> sizes, read once
         self.tokenizer: TextTokenizer | None = None
         # the training stream's position: the last trained batch of each loader worker
         self.position: dict = {}
@@ -479,7 +502,9 @@ class WebDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is None:
             try:
-                self.tokenizer = TextTokenizer(self.tokenizer_path, self.context_length)
+                self.tokenizer = TextTokenizer(
+                    self.tokenizer_path, self.context_length, self.special_tokens
+                )
             except FileNotFoundError as err:
                 raise ConfigError(f"data.tokenizer: {err}") from err
         if stage in ("fit", None):
@@ -506,6 +531,15 @@ class WebDataModule(L.LightningDataModule):
         first = f" (first problem: {problems[0]})" if problems else " (all empty)"
         raise ConfigError(f"data.{split}_shards: no usable sample in {len(urls)} shard(s){first}")
 
+    def shard_sizes(self, urls: Sequence[str], field: str) -> list[int]:
+        """Per-shard sample counts (`shard_sizes`), looked up once per shard list: shards
+        without a sizes.json are counted only the first time."""
+        key = tuple(urls)
+        if key not in self.counts:
+            split_key = KeySplitter(self.decoder(train=False).extensions)
+            self.counts[key] = shard_sizes(urls, field, split_key)
+        return self.counts[key]
+
     def decoder(self, train: bool) -> SampleDecoder:
         return SampleDecoder(
             image_transform(self.image_size, train, self.crop_scale, self.hflip),
@@ -523,7 +557,7 @@ class WebDataModule(L.LightningDataModule):
     def _loader(self, urls: list[str], train: bool) -> wds.WebLoader:
         rank, world = self.rank_and_world
         field = "data.train_shards" if train else "data.val_shards"
-        sizes = None if train and self.resampled else shard_sizes(urls, field)
+        sizes = None if train and self.resampled else self.shard_sizes(urls, field)
         batch_size = self.batch_size if train else self.val_batch_size
         if train:
             batches = self.batches_per_epoch(sizes)
@@ -613,14 +647,14 @@ class WebDataModule(L.LightningDataModule):
         if self.train_samples is not None and not self.resampled:
             raise ConfigError(
                 "data.train_samples: only for data.resampled=true; a non-resampled epoch "
-                "reads every sample counted in sizes.json"
+                "reads every sample of the shards"
             )
         if self.train_samples is not None:
             samples = self.train_samples
         else:
             if sizes is None:
                 urls = expand_shards(self.train_shards, "data.train_shards")
-                sizes = shard_sizes(urls, "data.train_shards")
+                sizes = self.shard_sizes(urls, "data.train_shards")
             samples = sum(sizes)
         _, world = self.rank_and_world
         batches = samples // (self.batch_size * world)

@@ -1,4 +1,5 @@
-"""Writing tar shards and small JSON files atomically and reproducibly; dataset locks."""
+"""Tar shards: reading their samples member by member, writing them atomically and
+reproducibly; small JSON files; dataset locks."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import functools
 import io
 import json
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import TypeVar
@@ -15,6 +16,40 @@ from polymodal.utils.files import atomic_file, atomic_write_text, file_lock
 
 LOCK_NAME = ".lock"  # in a dataset directory: held while it is checked or written
 T = TypeVar("T")
+
+
+def read_samples(
+    shard: str, split_key: Callable[[str], tuple[str, str]], read: Collection[str] | None = None
+) -> Iterator[tuple[str, dict[str, bytes] | None, str | None]]:
+    """(key, {extension: bytes}, error) per sample of a local tar, consecutive members with
+    one key grouped as webdataset groups them. Only the members whose extension is in
+    `read` are loaded (None: all of them), so a sample count reads tar headers alone. A
+    truncated or unreadable tar ends with an entry whose error says so."""
+    current, members = None, {}
+    try:
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, extension = split_key(member.name)
+                if key != current and current is not None:
+                    yield current, members, None
+                    members = {}
+                current = key
+                if read is None or extension in read:
+                    members[extension] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as err:
+        if current is not None:
+            yield current, members, None
+        yield "<tar>", None, f"unreadable tar ({type(err).__name__}: {err})"
+        return
+    if current is not None:
+        yield current, members, None
+
+
+def count_samples(shard: str, split_key: Callable[[str], tuple[str, str]]) -> int:
+    """Samples (distinct consecutive keys) in a local tar, from its member headers alone."""
+    return sum(error is None for _, _, error in read_samples(shard, split_key, read=()))
 
 
 def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:

@@ -1,13 +1,19 @@
-"""Byte-level BPE text tokenizer (HF ``tokenizers``) with fixed-length batch encoding."""
+"""Text tokenizer: any HF ``tokenizers`` tokenizer.json, fixed-length batch encoding.
+
+The special tokens polymodal needs are roles (pad, bos, eos, mask), each mapped to a token
+of the file: set by `data.special_tokens`, else detected by the conventions in
+`ROLE_TOKENS`. The built-in datasets train a byte-level BPE with `train_tokenizer`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from polymodal.utils.errors import ConfigError
 from polymodal.utils.files import atomic_write_text
 
 PAD = "[PAD]"
@@ -15,8 +21,20 @@ UNK = "[UNK]"
 BOS = "[BOS]"
 EOS = "[EOS]"
 MASK = "[MASK]"
-# Order fixes the ids: pad=0, unk=1, bos=2, eos=3, mask=4.
+# What `train_tokenizer` writes; the order fixes the ids: pad=0, unk=1, bos=2, eos=3, mask=4.
 SPECIAL_TOKENS = (PAD, UNK, BOS, EOS, MASK)
+# Tokens that play each role by convention, first match wins: polymodal's own, BERT
+# WordPiece ([CLS] text [SEP]), CLIP and GPT-2 BPE (<|startoftext|>, <|endoftext|>),
+# RoBERTa/sentencepiece (<s>, </s>). Without a pad or bos token of its own, a tokenizer
+# reuses eos (GPT-2 and HF's CLIP convention; open_clip pads with id 0, the token "!",
+# which decoding could not tell from text): padding is hidden by the attention mask, so
+# its id never reaches the model. mask is needed only by the mlm objective.
+ROLE_TOKENS = {
+    "pad": ("[PAD]", "<pad>", "<|pad|>"),
+    "bos": ("[BOS]", "[CLS]", "<|startoftext|>", "<s>", "<bos>"),
+    "eos": ("[EOS]", "[SEP]", "<|endoftext|>", "</s>", "<eos>"),
+    "mask": ("[MASK]", "<mask>", "<|mask|>"),
+}
 
 
 def train_tokenizer(texts: Iterable[str], path: str | Path, vocab_size: int = 1000) -> Tokenizer:
@@ -43,23 +61,73 @@ def train_tokenizer(texts: Iterable[str], path: str | Path, vocab_size: int = 10
 
 
 class TextTokenizer:
-    """Encodes batches of text to ``[B, context_length]`` ids: BOS + tokens + EOS + padding."""
+    """Encodes batches of text to ``[B, context_length]`` ids: BOS + tokens + EOS + padding.
 
-    def __init__(self, path: str | Path, context_length: int = 32) -> None:
+    `special_tokens` maps roles (pad, bos, eos, mask) to tokens of the file; a role left
+    out or None is detected (`ROLE_TOKENS`). A file that does not parse, or lacks an eos
+    token, is a one-line ConfigError naming it.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        context_length: int = 32,
+        special_tokens: Mapping[str, str | None] | None = None,
+    ) -> None:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {path}")
         if context_length < 2:
             raise ValueError(f"context_length must be >= 2 (BOS + EOS), got {context_length}")
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as err:  # noqa: BLE001 - tokenizers raises plain Exception
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ConfigError(
+                f"data.tokenizer: {path}: not a HF tokenizers tokenizer.json ({reason})"
+            ) from None
         self._context_length = context_length
-        self._set_tokenizer(Tokenizer.from_file(str(path)))
+        self._set_tokenizer(tokenizer, special_tokens or {}, str(path))
 
-    def _set_tokenizer(self, tokenizer: Tokenizer) -> None:
-        self._tokenizer = tokenizer
-        ids = [tokenizer.token_to_id(token) for token in SPECIAL_TOKENS]
-        if None in ids:
-            raise ValueError(f"tokenizer lacks special tokens {SPECIAL_TOKENS}")
-        self._pad_id, _, self._bos_id, self._eos_id, self._mask_id = ids
+    def _set_tokenizer(
+        self, tokenizer: Tokenizer, special_tokens: Mapping[str, str | None], source: str
+    ) -> None:
+        # encode lays out every row itself: padding or truncation the file may ask for
+        # (common in tokenizer.json files of HF models) would shift it
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        self._tokenizer, self._source = tokenizer, source
+        unknown = sorted(set(special_tokens) - set(ROLE_TOKENS))
+        if unknown:
+            raise ConfigError(
+                f"data.special_tokens: unknown role(s) {unknown}; roles are {list(ROLE_TOKENS)}"
+            )
+        tokens: dict[str, str | None] = {}
+        for role, candidates in ROLE_TOKENS.items():
+            token = special_tokens.get(role)
+            if token is not None and tokenizer.token_to_id(token) is None:
+                raise ConfigError(
+                    f"data.special_tokens.{role}: {token!r} is not a token of {source}"
+                )
+            if token is None:
+                token = next((t for t in candidates if tokenizer.token_to_id(t) is not None), None)
+            tokens[role] = token
+        if tokens["eos"] is None:
+            raise ConfigError(self._missing("eos", "every caption ends with (text pooling)"))
+        tokens["pad"] = tokens["pad"] or tokens["eos"]
+        tokens["bos"] = tokens["bos"] or tokens["eos"]
+        self._tokens = tokens
+        self._ids = {r: None if t is None else tokenizer.token_to_id(t) for r, t in tokens.items()}
+        added = tokenizer.get_added_tokens_decoder()
+        special = {i for i, token in added.items() if token.special}
+        self._special_ids = special | {i for i in self._ids.values() if i is not None}
+
+    def _missing(self, role: str, needed_by: str) -> str:
+        looked = ", ".join(ROLE_TOKENS[role])
+        return (
+            f"{self._source}: no {role} token, which {needed_by} (looked for {looked}); "
+            f"set data.special_tokens.{role} to the token of that file that plays this role"
+        )
 
     @classmethod
     def from_state(cls, state: dict) -> TextTokenizer:
@@ -70,31 +138,54 @@ class TextTokenizer:
 
     # Pickle via the JSON string so the tokenizer can be sent to DataLoader worker processes.
     def __getstate__(self) -> dict:
-        return {"json": self._tokenizer.to_str(), "context_length": self._context_length}
+        return {
+            "json": self._tokenizer.to_str(),
+            "context_length": self._context_length,
+            "special_tokens": dict(self._tokens),
+            "source": self._source,
+        }
 
     def __setstate__(self, state: dict) -> None:
         self._context_length = state["context_length"]
-        self._set_tokenizer(Tokenizer.from_str(state["json"]))
+        # checkpoints from before role mapping hold neither: detection finds [PAD] ... [MASK]
+        self._set_tokenizer(
+            Tokenizer.from_str(state["json"]),
+            state.get("special_tokens") or {},
+            state.get("source", "the checkpoint's tokenizer"),
+        )
 
     @property
     def vocab_size(self) -> int:
         return self._tokenizer.get_vocab_size()
 
     @property
+    def special_tokens(self) -> dict[str, str | None]:
+        """The token of each role (mask None when the file has none)."""
+        return dict(self._tokens)
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Ids that are never text: every role's and the file's own special tokens."""
+        return frozenset(self._special_ids)
+
+    @property
     def pad_id(self) -> int:
-        return self._pad_id
+        return self._ids["pad"]
 
     @property
     def bos_id(self) -> int:
-        return self._bos_id
+        return self._ids["bos"]
 
     @property
     def eos_id(self) -> int:
-        return self._eos_id
+        return self._ids["eos"]
 
     @property
     def mask_id(self) -> int:
-        return self._mask_id
+        """The mask token's id; a ConfigError naming the file when it has none."""
+        if self._ids["mask"] is None:
+            raise ConfigError(self._missing("mask", "the mlm objective needs"))
+        return self._ids["mask"]
 
     @property
     def context_length(self) -> int:
@@ -106,11 +197,11 @@ class TextTokenizer:
         Long texts are truncated before EOS, so every row ends its real tokens with EOS.
         """
         max_tokens = self._context_length - 2
-        ids = torch.full((len(texts), self._context_length), self._pad_id, dtype=torch.long)
+        ids = torch.full((len(texts), self._context_length), self.pad_id, dtype=torch.long)
         lengths = torch.empty(len(texts), dtype=torch.long)
         encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
         for row, encoding in enumerate(encodings):
-            tokens = [self._bos_id, *encoding.ids[:max_tokens], self._eos_id]
+            tokens = [self.bos_id, *encoding.ids[:max_tokens], self.eos_id]
             ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
             lengths[row] = len(tokens)
         mask = torch.arange(self._context_length) < lengths[:, None]
@@ -120,7 +211,7 @@ class TextTokenizer:
         """Decode one sequence; the byte-level prefix space is stripped."""
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
-        return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special).strip()
+        return self.decode_batch([ids], skip_special)[0]
 
     def decode_batch(
         self, ids: Sequence[Sequence[int]] | torch.Tensor, skip_special: bool = True
@@ -128,5 +219,7 @@ class TextTokenizer:
         """Decode a batch of sequences (e.g. a ``[B, L]`` tensor)."""
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
-        texts = self._tokenizer.decode_batch([list(row) for row in ids], skip_special)
+        # role tokens mapped to ordinary vocabulary entries are not special to tokenizers
+        rows = [[i for i in row if not (skip_special and i in self._special_ids)] for row in ids]
+        texts = self._tokenizer.decode_batch(rows, skip_special)
         return [text.strip() for text in texts]

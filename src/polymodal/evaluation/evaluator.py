@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from polymodal.evaluation.retrieval import retrieval_metrics
 from polymodal.evaluation.zeroshot import (
+    ZeroShotTask,
     build_zeroshot_classifier,
     confusion_matrix,
+    label_name,
     zeroshot_metrics,
 )
 from polymodal.utils.distributed import gather_objects, gather_variable, rank_and_world
+
+
+def label_indices(metas: Sequence[Mapping], attribute: str, classes: Sequence[str]) -> Tensor:
+    """Index in `classes` of each sample's json `attribute` (by name); -1 when absent."""
+    index = {name: i for i, name in enumerate(classes)}
+    return torch.tensor([index.get(label_name(m.get(attribute)), -1) for m in metas])
 
 
 def image_of(meta: Mapping, group_by: str | None, sample: object) -> tuple:
@@ -28,28 +34,21 @@ def image_of(meta: Mapping, group_by: str | None, sample: object) -> tuple:
 class EmbeddingEvaluator:
     """Zero-shot attribute classification + image/text retrieval on a held-out split.
 
-    `templates` maps an attribute (a top-level key of each sample's `{key}.json`) to prompt
-    templates; its class names come from `classes`, else from the `attributes` vocabulary
-    in the dataset's `manifest.json`, else from the values the collected samples hold.
-    Samples whose json lacks the attribute are not scored for it. `phrases` maps a class
-    name to the words put into the templates (e.g. position "left" -> "on the left"); the
-    class name is the default.
+    `zeroshot` maps an attribute (a top-level field of each sample's `{key}.json`) to its
+    resolved task (class names, templates, phrases; see `zeroshot.zeroshot_tasks`). A
+    sample's label is its json value matched by name (a number by its text); samples
+    whose json lacks the attribute, or holds a value outside the class list, are not
+    scored for it.
     """
 
     def __init__(
         self,
-        templates: Mapping[str, Sequence[str]] | None = None,
-        classes: Mapping[str, Sequence[str]] | None = None,
-        phrases: Mapping[str, Mapping[str, str]] | None = None,
-        manifest: str | None = None,
+        zeroshot: Mapping[str, ZeroShotTask] | None = None,
         retrieval: bool = True,
         retrieval_chunk_size: int = 1024,
         group_by: str | None = "image_id",
     ) -> None:
-        self.templates = {k: list(v) for k, v in (templates or {}).items()}
-        self._classes = {k: list(v) for k, v in (classes or {}).items()}
-        self.phrases = {k: dict(v) for k, v in (phrases or {}).items()}
-        self.manifest = manifest
+        self.zeroshot = dict(zeroshot or {})
         self.retrieval = retrieval
         self.retrieval_chunk_size = retrieval_chunk_size
         self.group_by = group_by
@@ -62,23 +61,7 @@ class EmbeddingEvaluator:
         self._captions: list[str] = []
 
     def classes(self, attribute: str) -> list[str]:
-        if attribute in self._classes:
-            return self._classes[attribute]
-        if self.manifest is None and self._meta:
-            # the values the evaluated samples' json holds, sorted: any labelled shard set
-            # works without a class list
-            values = {m[attribute] for m in self._meta if isinstance(m.get(attribute), str | int)}
-            return sorted(values, key=str)
-        if self.manifest is None:
-            raise ValueError(f"evaluation.classes.{attribute} is unset and no manifest is given")
-        path = Path(self.manifest)
-        if not path.exists():
-            raise FileNotFoundError(f"evaluation.manifest not found: {path}")
-        vocab = json.loads(path.read_text()).get("attributes", {})
-        if attribute not in vocab:
-            raise KeyError(f"attribute {attribute!r} not in {path} (has {sorted(vocab)})")
-        self._classes[attribute] = list(vocab[attribute])
-        return self._classes[attribute]
+        return self.zeroshot[attribute].classes
 
     def update(
         self,
@@ -132,13 +115,13 @@ class EmbeddingEvaluator:
 
     def labels(self, attribute: str, samples: Tensor | None = None) -> Tensor:
         """Class index of `attribute` for each sample (or only `samples`); -1 if absent."""
-        index = {name: i for i, name in enumerate(self.classes(attribute))}
         metas = self._meta if samples is None else [self._meta[i] for i in samples.tolist()]
-        return torch.tensor([index.get(m.get(attribute), -1) for m in metas])
+        return label_indices(metas, attribute, self.classes(attribute))
 
     @torch.no_grad()
     def compute(self, encode_text: Callable[[list[str]], Tensor]) -> dict[str, float]:
-        """Metrics named `zeroshot/<attr>_acc`, `zeroshot/mean_acc`, `retrieval/i2t_r1`, ...
+        """Metrics named `zeroshot/<attr>_acc`, `zeroshot/mean_acc`, `retrieval/i2t_r1`,
+        `retrieval/mean_r1` (of i2t and t2i), ...
         Each attribute's confusion matrix (rows true, columns predicted) is kept in
         `self.confusion`."""
         self.confusion: dict[str, Tensor] = {}
@@ -149,15 +132,14 @@ class EmbeddingEvaluator:
         image = image[first]  # one embedding per image, however many captions it has
         metrics: dict[str, float] = {}
         accs = []
-        for attribute, templates in self.templates.items():
+        for attribute, task in self.zeroshot.items():
             labels = self.labels(attribute, first)
             if (labels >= 0).sum() == 0:
                 continue
-            phrases = self.phrases.get(attribute, {})
             classifier = build_zeroshot_classifier(
                 lambda prompts: encode_text(prompts).float().cpu(),
-                [phrases.get(name, name) for name in self.classes(attribute)],
-                templates,
+                [task.phrases.get(name, name) for name in task.classes],
+                task.templates,
             )
             result = zeroshot_metrics(image, classifier, labels)
             metrics[f"zeroshot/{attribute}_acc"] = result["acc"]
@@ -173,4 +155,6 @@ class EmbeddingEvaluator:
                 image, text, sample_to_image, chunk_size=self.retrieval_chunk_size
             )
             metrics.update({f"retrieval/{k}": v for k, v in result.items()})
+            # both directions in one number (what `optimized_metric: auto` picks)
+            metrics["retrieval/mean_r1"] = (result["i2t_r1"] + result["t2i_r1"]) / 2
         return metrics

@@ -1,10 +1,122 @@
-"""Zero-shot classification with a text-derived classifier (CLIP prompt ensembling)."""
+"""Zero-shot classification with a text-derived classifier (CLIP prompt ensembling), and
+the zero-shot spec: per attribute, where its class names come from and its prompts."""
 
-from collections.abc import Callable, Sequence
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from polymodal.utils.errors import ConfigError
+
+# prompts of an attribute whose spec names no `templates` (CLIP-style, generic)
+DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.")
+VALUES = "values"  # `classes: values`: the sorted distinct values in the samples' json
+SPEC_KEYS = ("classes", "templates", "phrases")
+
+
+@dataclass
+class ZeroShotTask:
+    """One attribute's zero-shot classification: class names in label order, prompt
+    templates (`{}` is the class's phrase) and phrases (class name -> words; default the
+    name itself)."""
+
+    classes: list[str]
+    templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
+    phrases: dict[str, str] = field(default_factory=dict)
+
+
+def label_name(value: object) -> str | None:
+    """A sample's label as a class name: a json string, or a number's text (`3` -> "3");
+    None for anything else (missing, null, a list)."""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        return None
+    return str(value)
+
+
+def sorted_labels(values: Iterable[str]) -> list[str]:
+    """Distinct label names, numbers in numeric order ("2" before "10"), then the rest."""
+
+    def order(name: str) -> tuple:
+        number = name.lstrip("-").isdigit()
+        return (not number, int(name) if number else 0, name)
+
+    return sorted(set(values), key=order)
+
+
+def read_classes(
+    source: object, where: str, attribute: str, values: Callable[[str], list[str]]
+) -> list[str]:
+    """Class names from `source`: a list, `values` (`values(attribute)`), a text file (one
+    name per line) or a json file (a list, or a manifest whose `attributes.<attribute>` is
+    the list). `where` names the config field in errors."""
+    if isinstance(source, Sequence) and not isinstance(source, str):
+        names = [str(name) for name in source]
+    elif source == VALUES:
+        names = values(attribute)
+        if not names:
+            raise ConfigError(f"{where}: no evaluated sample's json has a {attribute!r} field")
+    elif isinstance(source, str) and source.endswith((".txt", ".json")):
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"{where}: no such file {source!r}")
+        if path.suffix == ".txt":
+            names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        else:
+            names = json.loads(path.read_text())
+            if isinstance(names, dict):
+                vocab = names.get("attributes", {})
+                if attribute not in vocab:
+                    raise ConfigError(
+                        f"{where}: {source} has no attributes.{attribute} (has {sorted(vocab)})"
+                    )
+                names = vocab[attribute]
+            if not isinstance(names, list):
+                raise ConfigError(f"{where}: {source} holds neither a list nor a manifest")
+            names = [str(name) for name in names]
+    else:
+        raise ConfigError(
+            f"{where}: expected a list of class names, a .txt or .json file, or '{VALUES}', "
+            f"got {source!r}"
+        )
+    if not names:
+        raise ConfigError(f"{where}: no class names in {source!r}")
+    return names
+
+
+def zeroshot_tasks(
+    spec: Mapping | None, where: str, values: Callable[[str], list[str]]
+) -> dict[str, ZeroShotTask]:
+    """A zero-shot spec (`{attribute: {classes, templates?, phrases?}}`, `where` its config
+    field) resolved to tasks. `values(attribute)` gives the sorted distinct values of the
+    attribute in the evaluated samples' json, for `classes: values`."""
+    tasks = {}
+    for attribute, entry in (spec or {}).items():
+        if not isinstance(entry, Mapping):
+            raise ConfigError(
+                f"{where}.{attribute}: expected {{classes: ..., templates: [...]}}, got {entry!r}"
+            )
+        unknown = sorted(set(entry) - set(SPEC_KEYS))
+        if unknown:
+            raise ConfigError(f"{where}.{attribute}: unknown key {unknown[0]!r} (has {SPEC_KEYS})")
+        if entry.get("classes") is None:
+            raise ConfigError(
+                f"{where}.{attribute}.classes: missing; a list of class names, a .txt or "
+                f".json file, or '{VALUES}'"
+            )
+        classes = read_classes(entry["classes"], f"{where}.{attribute}.classes", attribute, values)
+        templates = list(entry.get("templates") or DEFAULT_TEMPLATES)
+        if any("{}" not in template for template in templates):
+            raise ConfigError(
+                f"{where}.{attribute}.templates: each needs '{{}}' for the class, got {templates}"
+            )
+        tasks[attribute] = ZeroShotTask(classes, templates, dict(entry.get("phrases") or {}))
+    return tasks
 
 
 @torch.no_grad()

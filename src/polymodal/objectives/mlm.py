@@ -22,15 +22,17 @@ def mask_tokens(
     ids: Tensor,
     text_mask: Tensor,
     mask_id: int,
-    num_special: int,
+    special_ids: Tensor,
     vocab_size: int,
     prob: float = 0.15,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """BERT masking. Token ids < `num_special` (pad, bos, eos, ...) are never chosen; each
-    sequence with a candidate gets at least one masked token. Returns (inputs, labels)."""
+    """BERT masking. `special_ids` (pad, bos, eos, ...; anywhere in the vocabulary, e.g.
+    GPT-2's <|endoftext|> is its last id) are never chosen nor drawn as random
+    replacements; each sequence with a candidate gets at least one masked token.
+    Returns (inputs, labels)."""
     device = ids.device
-    candidates = text_mask & (ids >= num_special)
+    candidates = text_mask & ~torch.isin(ids, special_ids)
     scores = torch.rand(ids.shape, generator=generator, device=device)
     chosen = candidates & (scores < prob)
     # guarantee one masked token per sequence: the candidate with the lowest score
@@ -39,9 +41,11 @@ def mask_tokens(
     chosen |= torch.zeros_like(chosen).scatter(1, first, True) & has_candidate
     labels = ids.masked_fill(~chosen, IGNORE_INDEX)
     action = torch.rand(ids.shape, generator=generator, device=device)
-    random_ids = torch.randint(
-        num_special, vocab_size, ids.shape, generator=generator, device=device
-    )
+    ordinary = torch.ones(vocab_size, dtype=torch.bool, device=device)
+    ordinary[special_ids] = False
+    ordinary_ids = ordinary.nonzero().squeeze(1)
+    pick = torch.randint(len(ordinary_ids), ids.shape, generator=generator, device=device)
+    random_ids = ordinary_ids[pick]
     inputs = torch.where(chosen & (action < 0.8), torch.full_like(ids, mask_id), ids)
     inputs = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, inputs)
     return inputs, labels
@@ -67,15 +71,15 @@ class MLMObjective(Objective):
         self.vocab_size = backbone.vocab_size
         self.eval_attributes = tuple(eval_attributes)
         self.mask_id: int | None = None
-        self.num_special = 5
+        self.register_buffer("special_ids", torch.empty(0, dtype=torch.long), persistent=False)
         self.register_buffer("word_ids", torch.empty(0, dtype=torch.long), persistent=False)
 
     def setup(self, tokenizer, class_names: dict[str, list[str]]) -> None:
-        """Learn the [MASK] id and which token ids are whole attribute words (for eval)."""
+        """Learn the mask and special token ids (a tokenizer without a mask token is a
+        ConfigError naming it) and which token ids are whole attribute words (for eval)."""
         self.mask_id = tokenizer.mask_id
-        self.num_special = (
-            max(tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.mask_id) + 1
-        )
+        device = self.word_ids.device
+        self.special_ids = torch.tensor(sorted(tokenizer.special_ids), device=device)
         words = [w for a in self.eval_attributes for w in class_names.get(a, [])]
         ids, mask = tokenizer.encode(words) if words else (None, None)
         single = (
@@ -83,7 +87,7 @@ class MLMObjective(Objective):
             if ids is None
             else [row[1].item() for row, m in zip(ids, mask, strict=True) if m.sum() == 3]
         )  # BOS word EOS
-        self.word_ids = torch.tensor(single, dtype=torch.long, device=self.word_ids.device)
+        self.word_ids = torch.tensor(single, dtype=torch.long, device=device)
 
     def predict(self, cache: EncodingCache, text_tokens: Tensor, image_tokens: Tensor) -> Tensor:
         """Vocabulary logits for (masked) text tokens fused with image tokens."""
@@ -95,7 +99,7 @@ class MLMObjective(Objective):
             raise RuntimeError("MLMObjective.setup(tokenizer, ...) was not called")
         ids, mask = cache.batch["text_ids"], cache.batch["text_mask"]
         inputs, labels = mask_tokens(
-            ids, mask, self.mask_id, self.num_special, self.vocab_size, self.mask_prob
+            ids, mask, self.mask_id, self.special_ids, self.vocab_size, self.mask_prob
         )
         text_tokens = cache.backbone.encode_text(inputs, mask)
         logits = self.predict(cache, text_tokens, cache.image_tokens())

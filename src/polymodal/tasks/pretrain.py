@@ -25,10 +25,12 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from polymodal.data.shardtools import values_reader
 from polymodal.evaluation.captioning import attribute_match_rate, caption_scores
 from polymodal.evaluation.evaluator import EmbeddingEvaluator
 from polymodal.evaluation.media import retrieval_examples, write_media
 from polymodal.evaluation.retrieval import reranked_recall_at_1
+from polymodal.evaluation.zeroshot import zeroshot_tasks
 from polymodal.models.backbone import Backbone
 from polymodal.objectives.base import EncodingCache, Objective
 from polymodal.tasks.optim import param_groups, warmup_cosine
@@ -162,7 +164,8 @@ class PretrainModule(L.LightningModule):
         self._media_images: Tensor | None = None
 
     def setup(self, stage: str) -> None:
-        """Take the tokenizer and the zero-shot spec from the datamodule (they describe data)."""
+        """Take the tokenizer and the zero-shot spec from the datamodule (they describe data);
+        class names `values` are read from the val shards' json here."""
         datamodule = self.trainer.datamodule
         self.tokenizer = datamodule.tokenizer
         rows = self.backbone.vocab_size
@@ -171,9 +174,11 @@ class PretrainModule(L.LightningModule):
                 f"model.vocab_size={rows} < tokenizer vocabulary {self.tokenizer.vocab_size} "
                 f"({datamodule.tokenizer_path})"
             )
-        zeroshot = _plain(getattr(datamodule, "zeroshot", None)) or {}
-        self.evaluator = EmbeddingEvaluator(**zeroshot, **self.evaluation_cfg)
-        class_names = {a: self.evaluator.classes(a) for a in self.evaluator.templates}
+        spec = _plain(getattr(datamodule, "zeroshot", None))
+        values = values_reader(getattr(datamodule, "val_shards", None), "data.val_shards")
+        zeroshot = zeroshot_tasks(spec, "data.zeroshot", values)
+        self.evaluator = EmbeddingEvaluator(zeroshot, **self.evaluation_cfg)
+        class_names = {a: task.classes for a, task in zeroshot.items()}
         for objective in self.objectives.values():
             objective.setup(self.tokenizer, class_names)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import wandb
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
 from polymodal.utils.checkpoint_io import LAST
 
@@ -57,6 +57,30 @@ class Throughput(L.Callback):
         if self.flops_per_sample and peak:
             pl_module.log("train/mfu", per_device * self.flops_per_sample / peak)
         self._start, self._samples, self._steps = time.perf_counter(), 0, 0
+
+
+class StepProgressBar(RichProgressBar):
+    """Lightning's rich progress bar counting optimizer steps towards `trainer.max_steps`
+    (`Epoch 3 · step  120/1500`): training runs max_steps over streams with
+    max_epochs=-1, where Lightning's bar reads `Epoch 0/-2` and counts batches per epoch.
+    With max_steps unset (-1) it is Lightning's bar."""
+
+    def _by_step(self) -> bool:
+        return self.trainer.max_steps > 0
+
+    @property
+    def total_train_batches(self) -> int | float:
+        return self.trainer.max_steps if self._by_step() else super().total_train_batches
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if not self._by_step():
+            return super()._get_train_description(current_epoch)
+        return f"Epoch {current_epoch} · step"
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # the bar shows batch_idx + 1: make that the global step (resumed runs start there)
+        step_index = trainer.global_step - 1 if self._by_step() else batch_idx
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, step_index)
 
 
 class LastCheckpoint(ModelCheckpoint):

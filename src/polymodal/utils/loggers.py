@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import wandb
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from omegaconf import DictConfig
 
 from polymodal.evaluation.media import RetrievalExamples
 
@@ -54,3 +59,58 @@ def log_media_to_wandb(
         ]
         columns = ["image", *examples.columns()]
         logger.log_table(key="val/retrieval", columns=columns, data=data, step=step)
+
+
+def _multirun_job() -> DictConfig | None:
+    """The Hydra config of this job when it is one point of a multirun (-m), else None
+    (a single run, or a config composed without a Hydra app, as tests and notebooks do)."""
+    if not HydraConfig.initialized():
+        return None
+    hydra = HydraConfig.get()
+    return hydra if hydra.mode == RunMode.MULTIRUN else None
+
+
+def sweep_group(output_dir: str, log_dir: str) -> str | None:
+    """`${polymodal.sweep_group:...}`, the wandb group: in a multirun, the sweep dir (the
+    parent of each job's output dir; relative to `log_dir` when under it, e.g.
+    `train/multiruns/<time>`). Every job of one sweep resolves the same, also as separate
+    SLURM jobs and after a requeue. A single run has no group (None)."""
+    if _multirun_job() is None:
+        return None
+    sweep_dir, log_dir_path = Path(output_dir).parent, Path(log_dir)
+    if sweep_dir.is_relative_to(log_dir_path):
+        return str(sweep_dir.relative_to(log_dir_path))
+    return sweep_dir.name
+
+
+def run_name(default: str) -> str:
+    """`${polymodal.run_name:${task_name}}`, the wandb run name: the experiment, and in a
+    multirun its job's overrides (Hydra's `hydra.job.override_dirname`, e.g.
+    `clip_shapes:task.optimizer.lr=0.001`). `default` without an experiment or a Hydra app."""
+    if not HydraConfig.initialized():
+        return default
+    hydra = HydraConfig.get()
+    name = hydra.runtime.choices.get("experiment") or default
+    overrides = hydra.job.override_dirname if _multirun_job() is not None else ""
+    return f"{name}:{overrides}" if overrides else name
+
+
+def log_eval_files(logger: WandbLogger, out_dir: Path) -> None:
+    """What `polymodal-eval` wrote, into its wandb run: each `media/*.png` as an image,
+    each `media/*.csv` and `captions/*.jsonl` as a table, keyed by the file's stem."""
+    for path in sorted(out_dir.glob("media/*.png")):
+        logger.log_image(key=f"media/{path.stem}", images=[str(path)])
+    for path in sorted(out_dir.glob("media/*.csv")):
+        with open(path, newline="") as file:
+            rows = list(csv.reader(file))
+        if rows:
+            logger.log_table(key=f"media/{path.stem}", columns=rows[0], data=rows[1:])
+    for path in sorted(out_dir.glob("captions/*.jsonl")):
+        records = [json.loads(line) for line in path.read_text().splitlines() if line]
+        if records:
+            columns = list(records[0])
+            data = [
+                [" | ".join(v) if isinstance(v, list) else v for v in map(r.get, columns)]
+                for r in records
+            ]
+            logger.log_table(key=f"captions/{path.stem}", columns=columns, data=data)

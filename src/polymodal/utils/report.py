@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -10,6 +11,10 @@ from rich.console import Console
 from rich.table import Table
 
 from polymodal.utils.files import atomic_write_text
+
+# the apps' job logging sends this logger's records to the run's log file only (the
+# console has the table): conf/hydra/default.yaml
+log = logging.getLogger(__name__)
 
 
 def write_metrics(
@@ -34,3 +39,4 @@ def print_metrics(
     console = Console()
     console.print(table)
     console.print(f"output dir: {output_dir}")
+    log.info("%s: %s", title, json.dumps(dict(sorted(metrics.items()))))

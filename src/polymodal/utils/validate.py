@@ -1,9 +1,12 @@
-"""Type-check a composed config against the signatures of its `_target_`s.
+"""Type- and range-check a composed config before anything is built.
 
 Hydra rejects unknown keys and group options itself, but happily passes
-`trainer.max_steps=abc` through as a string that fails much later. This walks every node
-with a `_target_` and compares simple values (int, float, bool, str, Literal, Optional,
-Union) with the target's type hints, so a wrong type fails at start-up naming the key.
+`trainer.max_steps=abc` through as a string that fails much later, and a type hint says
+nothing of `data.batch_size=-4` (which would train on one batch). This walks every node:
+a node with a `_target_` has its keys compared with the target's parameters (`+model.foo=1`
+would fail inside the constructor) and its simple values (int, float, bool, str, Literal,
+Optional, Union) with its type hints, and any value whose key is in `RANGES` must lie in
+its range, so a bad value fails at start-up naming the key.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from __future__ import annotations
 import inspect
 import types
 import typing
-from typing import Any
+from fnmatch import fnmatchcase
+from typing import Any, NamedTuple
 
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig
@@ -19,6 +23,87 @@ from omegaconf import DictConfig, ListConfig
 from polymodal.utils.errors import ConfigError
 
 _SIMPLE = (int, float, bool, str)
+
+
+class Range(NamedTuple):
+    """Bounds of a number (None: unbounded); `low_open`/`high_open` exclude the bound."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: object) -> bool:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return False
+        above = self.low is None or value > self.low or (value == self.low and not self.low_open)
+        below = (
+            self.high is None or value < self.high or (value == self.high and not self.high_open)
+        )
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"in {left}{self.low:g}, {self.high:g}{right}"
+
+
+POSITIVE = Range(0, low_open=True)
+AT_LEAST_0, AT_LEAST_1 = Range(0), Range(1)
+FRACTION = Range(0, 1)
+# Keys (shell-style patterns over the dotted key) whose values have a range; each item of
+# a list value is checked (crop_scale, betas). None is allowed where the type allows it.
+RANGES: dict[str, Range] = {
+    "data.batch_size": AT_LEAST_1,
+    "data.val_batch_size": AT_LEAST_1,
+    "data.num_workers": AT_LEAST_0,
+    "data.image_size": AT_LEAST_1,
+    "data.context_length": Range(2),  # BOS + EOS
+    "data.crop_scale": Range(0, 1, low_open=True),
+    "data.shuffle_buffer": AT_LEAST_0,
+    "data.train_samples": AT_LEAST_1,
+    "data.max_pixels": AT_LEAST_1,
+    "data.max_caption_bytes": AT_LEAST_1,
+    "task.optimizer.lr": POSITIVE,
+    "task.optimizer.weight_decay": AT_LEAST_0,
+    "task.optimizer.eps": POSITIVE,
+    "task.optimizer.betas": Range(0, 1, high_open=True),
+    "task.scheduler.warmup_steps": AT_LEAST_0,
+    "task.scheduler.min_lr_ratio": FRACTION,
+    "task.max_nonfinite_steps": AT_LEAST_1,
+    "task.objectives.*.weight": AT_LEAST_0,
+    "task.objectives.*.mask_ratio": Range(0, 1, high_open=True),  # some patches stay visible
+    "task.objectives.*.mask_prob": FRACTION,
+    "task.objectives.*.label_smoothing": FRACTION,
+    "task.objectives.*.init_logit_scale": POSITIVE,
+    "task.objectives.*.max_logit_scale": POSITIVE,
+    "task.evaluation.media_samples": AT_LEAST_0,
+    "task.evaluation.itm_rerank_k": AT_LEAST_0,
+    "task.evaluation.caption_batches": AT_LEAST_0,
+    "task.evaluation.retrieval_chunk_size": AT_LEAST_1,
+    # streams have no length: training runs max_steps (the schedule needs the total)
+    "trainer.max_steps": AT_LEAST_1,
+    "trainer.accumulate_grad_batches": AT_LEAST_1,
+    "trainer.val_check_interval": POSITIVE,
+    "trainer.log_every_n_steps": AT_LEAST_1,
+    "trainer.gradient_clip_val": AT_LEAST_0,
+    "trainer.num_nodes": AT_LEAST_1,
+    "batch_size": AT_LEAST_1,  # polymodal-eval, polymodal-embed
+}
+
+
+def check_range(key: str, value: Any) -> None:
+    """Raise `ConfigError("<key>: must be <range>, got <value>")` when `key` has a range in
+    `RANGES` and `value` (or an item of it) lies outside."""
+    bounds = next((r for pattern, r in RANGES.items() if fnmatchcase(key, pattern)), None)
+    if bounds is None or value is None:
+        return
+    for item in value if isinstance(value, (list, tuple, ListConfig)) else [value]:
+        if item not in bounds:
+            raise ConfigError(f"{key}: must be {bounds}, got {value!r}")
 
 
 def _matches(value: Any, hint: Any) -> bool:
@@ -50,8 +135,15 @@ def _is_checkable(hint: Any) -> bool:
     return origin is typing.Literal or hint in (*_SIMPLE, type(None))
 
 
-def _hints(target: str) -> dict[str, Any]:
-    obj = get_object(target)
+def _import(target: str, key: str) -> Any:
+    try:
+        return get_object(target)
+    except (ImportError, AttributeError) as err:
+        reason = str(err.__cause__ or err).splitlines()[0]
+        raise ConfigError(f"{key}: cannot import {target!r} ({reason})") from None
+
+
+def _hints(obj: Any) -> dict[str, Any]:
     fn = obj.__init__ if inspect.isclass(obj) else obj
     try:
         return typing.get_type_hints(fn)
@@ -59,18 +151,41 @@ def _hints(target: str) -> dict[str, Any]:
         return {}
 
 
+def _parameters(obj: Any) -> set[str] | None:
+    """The keyword parameters `obj` accepts; None when it takes any (**kwargs) or has no
+    signature to read."""
+    try:
+        parameters = inspect.signature(obj).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return {p.name for p in parameters if p.kind is not inspect.Parameter.POSITIONAL_ONLY}
+
+
 def check_types(node: Any, path: str = "") -> None:
-    """Raise `ConfigError("<key>: expected <type>, got <value>")` on the first mismatch."""
+    """Raise `ConfigError("<key>: expected <type>, got <value>")` on the first mismatch of
+    a type, `ConfigError("<key>: must be <range>, got <value>")` of a range, and
+    `ConfigError("<key>: not a parameter of <target>")` for a key its target does not take."""
     if isinstance(node, DictConfig):
-        hints = _hints(node["_target_"]) if "_target_" in node else {}
+        hints: dict[str, Any] = {}
+        accepted: set[str] | None = None
+        if "_target_" in node:
+            target = _import(node["_target_"], f"{path}._target_" if path else "_target_")
+            hints, accepted = _hints(target), _parameters(target)
         for key in node:
             full_key = f"{path}.{key}" if path else str(key)
-            if str(key).startswith("_") or node._get_node(key)._is_missing():
+            if str(key).startswith("_"):
+                continue
+            if accepted is not None and key not in accepted:
+                raise ConfigError(f"{full_key}: not a parameter of {node['_target_']}")
+            if node._get_node(key)._is_missing():
                 continue
             value = node[key]
             hint = hints.get(key)
             if hint is not None and _is_checkable(hint) and not _matches(value, hint):
                 raise ConfigError(f"{full_key}: expected {_name(hint)}, got {value!r}")
+            check_range(full_key, value)
             check_types(value, full_key)
     elif isinstance(node, ListConfig):
         for i, item in enumerate(node):

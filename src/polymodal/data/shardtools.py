@@ -1,0 +1,65 @@
+"""What training needs from shards written by any tool, read from the shards themselves:
+sample counts (`sizes.json`), a tokenizer trained on their captions, the distinct values
+of a label field (zero-shot class names). `polymodal-data count|tokenizer|values`."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+from polymodal.data.check import samples, split_key
+from polymodal.data.datamodule import expand_shards
+from polymodal.data.tario import count_samples, write_json
+from polymodal.evaluation.zeroshot import label_name, sorted_labels
+from polymodal.utils.errors import ConfigError
+
+
+def write_sizes(urls: Sequence[str]) -> dict[str, int]:
+    """Count each shard's samples from its tar headers and record them in the `sizes.json`
+    beside it (open_clip's convention; entries of other shards there are kept)."""
+    counts = {url: count_samples(url, split_key) for url in urls}
+    for directory in {Path(url).parent for url in urls}:
+        path = directory / "sizes.json"
+        sizes = json.loads(path.read_text()) if path.exists() else {}
+        sizes.update({Path(u).name: n for u, n in counts.items() if Path(u).parent == directory})
+        write_json(path, sizes)
+    return counts
+
+
+def captions(urls: Sequence[str], text_keys: Sequence[str]) -> Iterator[str]:
+    """Each sample's caption: its first member among `text_keys` (extensions), stripped."""
+    for url in urls:
+        for _, members, error in samples(url, read=text_keys):
+            text = next((members[k] for k in text_keys if k in members), None) if members else None
+            if error is None and text:
+                yield text.decode("utf-8", errors="replace").strip()
+
+
+def field_values(urls: Sequence[str], field: str, members: bool = True) -> Counter[str]:
+    """How many samples hold each value of the json `field`; with `members`, a sample
+    without it counts the text of its `{key}.{field}` member instead (webdataset's `.cls`)."""
+    counts: Counter[str] = Counter()
+    for url in urls:
+        for _, sample, error in samples(url, read=("json", field)):
+            if error is not None:
+                continue
+            value = label_name(json.loads(sample["json"]).get(field)) if "json" in sample else None
+            if value is None and members and field in sample:
+                value = sample[field].decode("utf-8", errors="replace").strip()
+            if value is not None:
+                counts[value] += 1
+    return counts
+
+
+def values_reader(shards: str | Sequence[str] | None, where: str) -> Callable[[str], list[str]]:
+    """`values(attribute)`: the sorted distinct values of the json `attribute` in `shards`
+    (`where` is their config field), read when called (zero-shot `classes: values`)."""
+
+    def values(attribute: str) -> list[str]:
+        if shards is None:
+            raise ConfigError(f"{where}: unset, but zero-shot classes 'values' are read there")
+        return sorted_labels(field_values(expand_shards(shards, where), attribute, members=False))
+
+    return values

@@ -1,0 +1,33 @@
+"""The metric a run is judged by: returned to sweepers, monitored by the best checkpoint.
+
+`optimized_metric: auto` follows what the run validates, decided here alone: zero-shot
+mean accuracy when `data.zeroshot` is set, else mean retrieval R@1 when there are val
+shards and `task.evaluation.retrieval`, else the val loss; without val shards, the train
+loss. An explicit name is kept. The direction follows the name (losses and ranks: min).
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+AUTO = "auto"
+
+
+def optimized_metric(cfg: DictConfig) -> str:
+    """`cfg.optimized_metric`, with `auto` resolved from the data and task config."""
+    name = cfg.get("optimized_metric") or AUTO
+    if name != AUTO:
+        return name
+    data, evaluation = cfg.data, cfg.task.get("evaluation") or {}
+    if data.get("val_shards") is None:
+        return "train/loss"
+    if data.get("zeroshot"):
+        return "val/zeroshot/mean_acc"
+    if evaluation.get("retrieval", True):
+        return "val/retrieval/mean_r1"
+    return "val/loss"
+
+
+def metric_mode(name: str) -> str:
+    """`min` for losses and ranks (`val/loss`, `val/retrieval/i2t_mean_rank`), else `max`."""
+    return "min" if name.endswith(("loss", "_rank")) else "max"
