@@ -201,15 +201,16 @@ def test_user_errors_and_bugs():
     assert user_error(FileNotFoundError(2, "No such file or directory", "/a/b")) == (
         "/a/b: No such file or directory"
     )
-    worker = ValueError(
-        "Caught ValueError in DataLoader worker process 0.\nOriginal Traceback "
-        '(most recent call last):\n  File "x.py"\nValueError: shards: bad'
+    worker = ConfigError(  # as torch re-raises it from a DataLoader worker
+        "Caught ConfigError in DataLoader worker process 0.\nOriginal Traceback "
+        '(most recent call last):\n  File "x.py"\nConfigError: shards: bad'
     )
     assert (
         user_error(worker)
-        == "Caught ValueError in DataLoader worker process 0; ValueError: shards: bad"
+        == "Caught ConfigError in DataLoader worker process 0; ConfigError: shards: bad"
     )
-    for bug in (KeyError("k"), ZeroDivisionError(), TypeError("t"), RuntimeError("r")):
+    bugs = (KeyError("k"), ZeroDivisionError(), TypeError("t"), RuntimeError("r"), ValueError("v"))
+    for bug in bugs:
         assert user_error(bug) is None
 
 

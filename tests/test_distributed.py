@@ -165,6 +165,7 @@ def small_run(shapes_dir: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow  # ~85 s; the README's `-m trainer=ddp_sim` line runs it too
 def test_ddp_sim_inside_a_multirun_writes_one_dir_per_point(tmp_path, shapes_dir):
     """ddp_spawn inside `-m`: two sweep points, two dirs, no relaunch of the sweep."""
     sweep = tmp_path / "sweep"

@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from polymodal.utils.cli import CONFIG_DIR
+from polymodal.utils.cli import CONFIG_DIR, SWEPT_KEYS, swept_keys
 from polymodal.utils.instantiate import wandb_spec
 
 
@@ -90,20 +90,24 @@ def hydra_job(tmp_path, monkeypatch):
     HydraConfig.instance().cfg = None  # later tests compose without a Hydra app
 
 
-def test_wandb_runs_of_a_sweep_share_a_group_and_are_named_by_their_values(hydra_job):
+def test_wandb_runs_of_a_sweep_share_a_group_and_are_named_by_their_values(hydra_job, monkeypatch):
     """Each job resolves its own config (under SLURM in its own process): the group comes
-    from the sweep dir, the same for all; the name from the experiment and the job's
-    overrides; the id from the output dir, so a requeued job continues its run."""
+    from the sweep dir, the same for all; the name from the experiment and the values the
+    command line sweeps; the id from the output dir, so a requeued job continues its run."""
+    monkeypatch.setenv(SWEPT_KEYS, ",".join(swept_keys(["-m", "task.optimizer.lr=1e-3,3e-3"])))
     common = ("experiment=siglip", "data.batch_size=8")
     first = hydra_job(*common, "task.optimizer.lr=1e-3", num=0)
     second = hydra_job(*common, "task.optimizer.lr=3e-3", num=1)
     assert first["group"] == second["group"] == "train/multiruns/2025-01-02_03-04-05"
-    assert first["name"] == "siglip:data.batch_size=8,task.optimizer.lr=1e-3"
-    assert second["name"] == "siglip:data.batch_size=8,task.optimizer.lr=3e-3"
+    assert first["name"] == "siglip:task.optimizer.lr=1e-3"
+    assert second["name"] == "siglip:task.optimizer.lr=3e-3"
     assert first["id"] != second["id"]
     assert hydra_job(*common, "task.optimizer.lr=1e-3", num=0)["id"] == first["id"]  # requeue
     assert first["project"] == "polymodal" and first["entity"] is None
     assert first["tags"] == ["siglip", "shapes"]
+    monkeypatch.setenv(SWEPT_KEYS, "")  # an Optuna search sweeps its sweeper's params
+    searched = hydra_job("hparams_search=clip_optuna", "task.optimizer.lr=1e-3", num=0)
+    assert searched["name"] == "clip_shapes:task.optimizer.lr=1e-3"
 
 
 def test_wandb_single_run_has_no_group_and_the_experiments_name(hydra_job):

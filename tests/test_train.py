@@ -172,18 +172,21 @@ def test_wandb_offline_run_writes_a_local_run(tmp_path, shapes_dir, monkeypatch)
 
 def test_multirun_sweep_writes_one_output_dir_per_point(tmp_path, shapes_dir):
     """As a user types it: no hydra.sweep.dir (its default resolves before Hydra's runtime
-    config exists, so it must not need ${hydra:runtime.cwd})."""
+    config exists, so it must not need ${hydra:runtime.cwd}). A point with a bad value
+    fails alone, in one line: the other points still run, and the sweep exits 1."""
     out = run_cli(
         "-m",
         "debug=fdr",
-        "data.batch_size=8,16",
+        "data.batch_size=-4,8,16",
         f"paths.shapes_dir={shapes_dir}",
         "data.prepare=null",
         cwd=tmp_path,
     )
-    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.returncode == 1
+    assert "error: data.batch_size: must be >= 1, got -4" in out.stderr.splitlines()
+    assert "Traceback" not in out.stderr
     results = sorted((tmp_path / "logs" / "debug" / "multiruns").glob("*/*/metrics.json"))
-    assert [p.parent.name for p in results] == ["0", "1"]
+    assert [p.parent.name for p in results] == ["1", "2"]
 
 
 def test_temperature_is_clamped_once_per_optimizer_step(tmp_path, shapes_dir, monkeypatch):

@@ -146,7 +146,7 @@ class Polymodal:
             if batch:
                 flush()
         if not keys:
-            raise ValueError(f"shards {shards!r}: no usable sample ({len(skipped)} skipped)")
+            raise ConfigError(f"shards {shards!r}: no usable sample ({len(skipped)} skipped)")
         return {
             "keys": keys,
             "image": torch.cat(images),

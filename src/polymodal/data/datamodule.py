@@ -266,7 +266,7 @@ class ShardedSamples(IterableDataset):
     ) -> None:
         super().__init__()
         if sizes is None and not (resampled and batches_per_rank):
-            raise ValueError("per-shard sizes are needed unless resampling a fixed epoch")
+            raise ConfigError("per-shard sizes are needed unless resampling a fixed epoch")
         self.urls, self.sizes = list(urls), None if sizes is None else list(sizes)
         self.decoder, self.collate = decoder, collate
         self.batch_size, self.batches_per_rank = batch_size, batches_per_rank
@@ -328,7 +328,7 @@ class ShardedSamples(IterableDataset):
             for sample in tar_samples(url, self.split_key, self.skip):
                 empty_draws = 0
                 yield sample
-        raise ValueError(f"data: no sample in {4 * len(self.urls)} draws from {self.urls[0]}, ...")
+        raise ConfigError(f"data: no sample in {4 * len(self.urls)} draws from {self.urls[0]}, ...")
 
     def decoded(self, raw: Iterator[dict], seed: int) -> Iterator[dict]:
         """Decoded samples; the n-th sample's augmentation draws from seed + n alone (the

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import logging
 import tarfile
 from collections.abc import Callable, Collection, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from polymodal.utils.files import atomic_file, atomic_write_text, file_lock
+
+log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"  # in a dataset directory: held while it is checked or written
 T = TypeVar("T")
@@ -48,8 +51,15 @@ def read_samples(
 
 
 def count_samples(shard: str, split_key: Callable[[str], tuple[str, str]]) -> int:
-    """Samples (distinct consecutive keys) in a local tar, from its member headers alone."""
-    return sum(error is None for _, _, error in read_samples(shard, split_key, read=()))
+    """Samples (distinct consecutive keys) in a local tar, from its member headers alone.
+    Of a truncated tar, the samples before the damage (what a reader gets), with a warning."""
+    count = 0
+    for _, _, error in read_samples(shard, split_key, read=()):
+        if error is None:
+            count += 1
+        else:
+            log.warning("%s: %s; counted the %d samples before it", shard, error, count)
+    return count
 
 
 def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:

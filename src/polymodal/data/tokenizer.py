@@ -78,7 +78,7 @@ class TextTokenizer:
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {path}")
         if context_length < 2:
-            raise ValueError(f"context_length must be >= 2 (BOS + EOS), got {context_length}")
+            raise ConfigError(f"data.context_length must be >= 2 (BOS + EOS), got {context_length}")
         try:
             tokenizer = Tokenizer.from_file(str(path))
         except Exception as err:  # noqa: BLE001 - tokenizers raises plain Exception

@@ -16,6 +16,7 @@ from polymodal.evaluation.zeroshot import (
     zeroshot_metrics,
 )
 from polymodal.utils.distributed import gather_objects, gather_variable, rank_and_world
+from polymodal.utils.errors import ConfigError
 
 
 def label_indices(metas: Sequence[Mapping], attribute: str, classes: Sequence[str]) -> Tensor:
@@ -134,8 +135,11 @@ class EmbeddingEvaluator:
         accs = []
         for attribute, task in self.zeroshot.items():
             labels = self.labels(attribute, first)
-            if (labels >= 0).sum() == 0:
-                continue
+            if (labels >= 0).sum() == 0:  # a misspelt attribute or class list
+                raise ConfigError(
+                    f"zeroshot.{attribute}.classes: no val sample has a {attribute!r} json "
+                    f"field with one of these classes ({', '.join(task.classes[:5])}, ...)"
+                )
             classifier = build_zeroshot_classifier(
                 lambda prompts: encode_text(prompts).float().cpu(),
                 [task.phrases.get(name, name) for name in task.classes],

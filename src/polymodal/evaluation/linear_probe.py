@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from polymodal.utils.errors import ConfigError
+
 
 def linear_probe(
     train_x: Tensor,
@@ -20,7 +22,7 @@ def linear_probe(
     keep_train, keep_test = train_y >= 0, test_y >= 0
     x, y = train_x[keep_train].double(), train_y[keep_train].long()
     if len(y) == 0 or keep_test.sum() == 0:
-        raise ValueError("linear probe: no labelled samples in the train or test split")
+        raise ConfigError("linear probe: no labelled samples in the train or test split")
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)  # standardise with train statistics
     x = (x - mean) / std
     classes = int(max(y.max(), test_y[keep_test].max())) + 1

@@ -43,8 +43,10 @@ def sorted_labels(values: Iterable[str]) -> list[str]:
     """Distinct label names, numbers in numeric order ("2" before "10"), then the rest."""
 
     def order(name: str) -> tuple:
-        number = name.lstrip("-").isdigit()
-        return (not number, int(name) if number else 0, name)
+        try:
+            return (False, int(name), name)
+        except ValueError:
+            return (True, 0, name)
 
     return sorted(set(values), key=order)
 

@@ -8,6 +8,8 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from polymodal.utils.errors import ConfigError
+
 _NO_DECAY_MODULES = (nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 
 
@@ -45,7 +47,7 @@ def warmup_cosine(
 ) -> LambdaLR:
     """Linear warmup from 0 over `warmup_steps`, then cosine to `min_lr_ratio` * lr."""
     if total_steps <= 0:
-        raise ValueError("task.scheduler: total steps unknown; set trainer.max_steps > 0")
+        raise ConfigError("task.scheduler: total steps unknown; set trainer.max_steps > 0")
 
     def factor(step: int) -> float:
         if step < warmup_steps:

@@ -24,11 +24,16 @@ from typing import TypeVar
 
 import hydra
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, InstantiationException
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from polymodal.utils.errors import ConfigError, SkippedSample
 
 # the configs ship inside the package (a wheel installs them beside the code)
 CONFIG_DIR = str(importlib.resources.files("polymodal") / "conf")
@@ -37,6 +42,9 @@ CONFIG_DIR = str(importlib.resources.files("polymodal") / "conf")
 DEBUG = "POLYMODAL_DEBUG"
 # the libraries whose log records go through the app's handlers (console and log file)
 LIBRARY_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
+# the keys a multirun's command line sweeps, for its jobs' wandb run names (inherited by
+# the jobs, also those submitit starts on SLURM)
+SWEPT_KEYS = "POLYMODAL_SWEPT_KEYS"
 T = TypeVar("T")
 
 
@@ -74,7 +82,7 @@ def user_error(err: BaseException) -> str | None:
         return line
     if isinstance(err, OSError) and err.filename is not None:
         return f"{err.filename}: {err.strerror or one_line(str(err))}"
-    if isinstance(err, ValueError):  # ConfigError, a bad value, a file that does not parse
+    if isinstance(err, (ConfigError, SkippedSample)):  # a bad value or file, named
         return one_line(str(err))
     return None
 
@@ -115,15 +123,21 @@ def report(err: BaseException) -> bool:
 
 def _exits_on_user_error(fn: Callable[..., T]) -> Callable[..., T]:
     @functools.wraps(fn)
-    def run(*args, **kwargs) -> T:
+    def run(*args: object, **kwargs: object) -> T:
         try:
             return fn(*args, **kwargs)
         except Exception as err:
-            if report(err):
+            if report(err) and not _sweep_job():
                 sys.exit(1)
-            raise
+            raise  # a bug; or one point of a sweep, which the sweeper marks failed
 
     return run
+
+
+def _sweep_job() -> bool:
+    """Whether this is one job of a multirun: its error must reach the sweeper (Optuna
+    counts a failed trial and goes on), not end the whole sweep."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def route_library_logs() -> None:
@@ -174,12 +188,25 @@ def hydra_app(config_name: str) -> Callable[[Callable[[DictConfig], T]], Callabl
         @functools.wraps(task)
         def main() -> T:
             os.environ[DEBUG] = "1" if debug() else "0"
+            if {"-m", "--multirun", "hydra.mode=MULTIRUN"} & set(sys.argv[1:]):
+                os.environ[SWEPT_KEYS] = ",".join(swept_keys(sys.argv[1:]))
             os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors to run_hydra
             return run_hydra()
 
         return main
 
     return decorate
+
+
+def swept_keys(args: list[str]) -> list[str]:
+    """The keys of the sweep overrides among command-line `args` (`lr=1e-3,3e-3`,
+    `range(...)`, `choice(...)`); an override that does not parse is Hydra's to report."""
+    overrides = [a for a in args if "=" in a and not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException:
+        return []
+    return [o.key_or_group for o in parsed if o.is_sweep_override()]
 
 
 def interactive() -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -14,9 +15,10 @@ from hydra.types import RunMode
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from polymodal.evaluation.media import RetrievalExamples
+from polymodal.utils.cli import SWEPT_KEYS
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -85,14 +87,31 @@ def sweep_group(output_dir: str, log_dir: str) -> str | None:
 
 def run_name(default: str) -> str:
     """`${polymodal.run_name:${task_name}}`, the wandb run name: the experiment, and in a
-    multirun its job's overrides (Hydra's `hydra.job.override_dirname`, e.g.
-    `clip_shapes:task.optimizer.lr=0.001`). `default` without an experiment or a Hydra app."""
+    multirun the values its job sweeps (e.g. `clip_shapes:task.optimizer.lr=0.001`; the
+    fixed overrides every job shares are left out). `default` without an experiment or a
+    Hydra app."""
     if not HydraConfig.initialized():
         return default
     hydra = HydraConfig.get()
     name = hydra.runtime.choices.get("experiment") or default
-    overrides = hydra.job.override_dirname if _multirun_job() is not None else ""
+    if _multirun_job() is None:
+        return name
+    swept = swept_keys(hydra)
+    overrides = ",".join(o for o in hydra.overrides.task if override_key(o) in swept)
     return f"{name}:{overrides}" if overrides else name
+
+
+def swept_keys(hydra: DictConfig) -> set[str]:
+    """The keys a multirun sweeps: those of the command line (`SWEPT_KEYS`, set by the app
+    that launched the sweep and inherited by its jobs, also SLURM's) and an Optuna-style
+    sweeper's `params`."""
+    keys = {key for key in os.environ.get(SWEPT_KEYS, "").split(",") if key}
+    return keys | set(OmegaConf.select(hydra, "sweeper.params") or {})
+
+
+def override_key(override: str) -> str:
+    """`+a.b=1` -> `a.b`."""
+    return override.partition("=")[0].lstrip("+~")
 
 
 def log_eval_files(logger: WandbLogger, out_dir: Path) -> None:
