@@ -135,6 +135,14 @@ def test_values_of_an_attribute_no_sample_has_is_an_error(shards, tmp_path):
         zeroshot_tasks({"shape": {"classes": str(manifest)}}, "data.zeroshot", values)
 
 
+def test_values_of_a_json_that_is_not_an_object_name_the_shard_and_key(tmp_path):
+    with wds.TarWriter(str(tmp_path / "bad.tar")) as sink:
+        sink.write({"__key__": "k0", "json": {"label": "a"}})
+        sink.write({"__key__": "k1", "json": b"[1, 2]"})
+    with pytest.raises(ConfigError, match=r"bad.tar: k1.json: expected a json object, got list"):
+        values_reader(str(tmp_path / "bad.tar"), "data.val_shards")("label")
+
+
 @pytest.mark.parametrize(
     "overrides,monitor,mode",
     [

@@ -42,15 +42,28 @@ def field_values(urls: Sequence[str], field: str, members: bool = True) -> Count
     without it counts the text of its `{key}.{field}` member instead (webdataset's `.cls`)."""
     counts: Counter[str] = Counter()
     for url in urls:
-        for _, sample, error in samples(url, read=("json", field)):
+        for key, sample, error in samples(url, read=("json", field)):
             if error is not None:
                 continue
-            value = label_name(json.loads(sample["json"]).get(field)) if "json" in sample else None
+            labels = sample_json(sample, url, key) if "json" in sample else {}
+            value = label_name(labels.get(field))
             if value is None and members and field in sample:
                 value = sample[field].decode("utf-8", errors="replace").strip()
             if value is not None:
                 counts[value] += 1
     return counts
+
+
+def sample_json(sample: dict[str, bytes], url: str, key: str) -> dict:
+    """A sample's `{key}.json` object; one ConfigError line naming the shard and key when
+    it is not a json object."""
+    try:
+        value = json.loads(sample["json"])
+    except ValueError as err:  # not UTF-8, or not json
+        raise ConfigError(f"{url}: {key}.json: not json ({err})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{url}: {key}.json: expected a json object, got {type(value).__name__}")
+    return value
 
 
 def values_reader(shards: str | Sequence[str] | None, where: str) -> Callable[[str], list[str]]:
