@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -210,10 +211,11 @@ def test_embed_cli_writes_embeddings_keys_and_meta(trained, shapes_dir, tmp_path
     )
 
 
-def test_eval_app_runs_every_shapes_benchmark(trained, shapes_dir, tmp_path):
-    checkpoint, _ = trained
-    run_dir = tmp_path / "eval"
-    out = subprocess.run(
+def run_eval_app(
+    checkpoint: Path, shapes_dir: Path, run_dir: Path, *overrides: str, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """`polymodal-eval` on `checkpoint` (shapes benchmarks) in a subprocess, into `run_dir`."""
+    return subprocess.run(
         [
             sys.executable,
             "-m",
@@ -221,12 +223,19 @@ def test_eval_app_runs_every_shapes_benchmark(trained, shapes_dir, tmp_path):
             f"ckpt_path={checkpoint}",
             f"paths.shapes_dir={shapes_dir}",
             f"hydra.run.dir={run_dir}",
+            *overrides,
         ],
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
     )
+
+
+def test_eval_app_runs_every_shapes_benchmark(trained, shapes_dir, tmp_path):
+    checkpoint, _ = trained
+    run_dir = tmp_path / "eval"
+    out = run_eval_app(checkpoint, shapes_dir, run_dir)
     assert out.returncode == 0, out.stderr[-2000:]
     metrics = json.loads((run_dir / "eval_metrics.json").read_text())
     assert metrics["val/samples"] == 128 and metrics["test/samples"] == 64
@@ -254,28 +263,15 @@ def test_eval_app_runs_every_shapes_benchmark(trained, shapes_dir, tmp_path):
 def test_eval_app_logs_metrics_and_media_to_an_offline_wandb_run(trained, shapes_dir, tmp_path):
     checkpoint, _ = trained
     run_dir = tmp_path / "eval"
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "polymodal.evaluate",
-            f"ckpt_path={checkpoint}",
-            f"paths.shapes_dir={shapes_dir}",
-            f"hydra.run.dir={run_dir}",
-            "~eval.benchmarks.test",
-            "~eval.benchmarks.linear_probe",
-            "logger=wandb",
-            "logger.wandb.project=evals",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={
-            **os.environ,
-            "OMP_NUM_THREADS": "1",
-            "WANDB_MODE": "offline",
-            "WANDB_DIR": str(tmp_path / "wandb_dir"),
-        },
+    out = run_eval_app(
+        checkpoint,
+        shapes_dir,
+        run_dir,
+        "~eval.benchmarks.test",
+        "~eval.benchmarks.linear_probe",
+        "logger=wandb",
+        "logger.wandb.project=evals",
+        env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb_dir")},
     )
     assert out.returncode == 0, out.stderr[-2000:]
     metrics = json.loads((run_dir / "eval_metrics.json").read_text())

@@ -15,7 +15,7 @@ import webdataset as wds
 from PIL import Image
 
 from polymodal.data.cli import main as data_cli
-from polymodal.data.shardtools import values_reader
+from polymodal.data.shardtools import captions, field_values, values_reader
 from polymodal.data.tokenizer import TextTokenizer
 from polymodal.evaluation.zeroshot import DEFAULT_TEMPLATES, zeroshot_tasks
 from polymodal.utils.errors import ConfigError
@@ -133,6 +133,15 @@ def test_values_of_an_attribute_no_sample_has_is_an_error(shards, tmp_path):
     manifest.write_text('{"attributes": {"color": ["red"]}}')
     with pytest.raises(ConfigError, match="data.zeroshot.shape.classes: .* no attributes.shape"):
         zeroshot_tasks({"shape": {"classes": str(manifest)}}, "data.zeroshot", values)
+
+
+def test_oversized_members_are_left_unread(tmp_path):
+    """A hostile shard's 1 MB caption or json is not loaded (the caption limit, 64 KiB)."""
+    with wds.TarWriter(str(tmp_path / "big.tar")) as sink:
+        sink.write({"__key__": "k0", "txt": "a red circle", "json": {"label": "a"}})
+        sink.write({"__key__": "k1", "txt": "x" * 2**20, "json": {"label": "b" * 2**20}})
+    assert list(captions([str(tmp_path / "big.tar")], ["txt"])) == ["a red circle"]
+    assert field_values([str(tmp_path / "big.tar")], "label") == {"a": 1}
 
 
 def test_values_of_a_json_that_is_not_an_object_name_the_shard_and_key(tmp_path):

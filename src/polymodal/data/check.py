@@ -25,11 +25,11 @@ split_key = KeySplitter((*IMAGE_EXTENSIONS, *TEXT_EXTENSIONS, "json"))
 
 
 def samples(
-    shard: str, read: Collection[str] | None = None
+    shard: str, read: Collection[str] | None = None, max_bytes: int | None = None
 ) -> Iterator[tuple[str, dict[str, bytes] | None, str | None]]:
     """(key, {extension: bytes}, error) per sample, keys split as training splits them
     (see `tario.read_samples`)."""
-    return read_samples(shard, split_key, read)
+    return read_samples(shard, split_key, read, max_bytes)
 
 
 def sample_problems(members: dict[str, bytes]) -> list[str]:

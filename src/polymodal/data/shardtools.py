@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from polymodal.data.check import samples, split_key
-from polymodal.data.datamodule import expand_shards
+from polymodal.data.datamodule import DEFAULT_MAX_CAPTION_BYTES, expand_shards
 from polymodal.data.tario import count_samples, write_json
 from polymodal.evaluation.zeroshot import label_name, sorted_labels
 from polymodal.utils.errors import ConfigError
@@ -31,7 +31,7 @@ def write_sizes(urls: Sequence[str]) -> dict[str, int]:
 def captions(urls: Sequence[str], text_keys: Sequence[str]) -> Iterator[str]:
     """Each sample's caption: its first member among `text_keys` (extensions), stripped."""
     for url in urls:
-        for _, members, error in samples(url, read=text_keys):
+        for _, members, error in samples(url, read=text_keys, max_bytes=DEFAULT_MAX_CAPTION_BYTES):
             text = next((members[k] for k in text_keys if k in members), None) if members else None
             if error is None and text:
                 yield text.decode("utf-8", errors="replace").strip()
@@ -42,7 +42,7 @@ def field_values(urls: Sequence[str], field: str, members: bool = True) -> Count
     without it counts the text of its `{key}.{field}` member instead (webdataset's `.cls`)."""
     counts: Counter[str] = Counter()
     for url in urls:
-        for key, sample, error in samples(url, read=("json", field)):
+        for key, sample, error in samples(url, ("json", field), DEFAULT_MAX_CAPTION_BYTES):
             if error is not None:
                 continue
             labels = sample_json(sample, url, key) if "json" in sample else {}

@@ -22,12 +22,16 @@ T = TypeVar("T")
 
 
 def read_samples(
-    shard: str, split_key: Callable[[str], tuple[str, str]], read: Collection[str] | None = None
+    shard: str,
+    split_key: Callable[[str], tuple[str, str]],
+    read: Collection[str] | None = None,
+    max_bytes: int | None = None,
 ) -> Iterator[tuple[str, dict[str, bytes] | None, str | None]]:
     """(key, {extension: bytes}, error) per sample of a local tar, consecutive members with
     one key grouped as webdataset groups them. Only the members whose extension is in
-    `read` are loaded (None: all of them), so a sample count reads tar headers alone. A
-    truncated or unreadable tar ends with an entry whose error says so."""
+    `read` are loaded (None: all of them), so a sample count reads tar headers alone; a
+    member over `max_bytes` (by its header) is left out unread, so a hostile shard cannot
+    exhaust memory. A truncated or unreadable tar ends with an entry whose error says so."""
     current, members = None, {}
     try:
         with tarfile.open(shard) as tar:
@@ -39,7 +43,8 @@ def read_samples(
                     yield current, members, None
                     members = {}
                 current = key
-                if read is None or extension in read:
+                small = max_bytes is None or member.size <= max_bytes
+                if (read is None or extension in read) and small:
                     members[extension] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as err:
         if current is not None:
