@@ -1,7 +1,7 @@
 """Training-step throughput of the CLIP backbone: samples/s per precision and batch size.
 
     python benchmarks/clip_step.py                       # the default model, CPU
-    python benchmarks/clip_step.py --model clip_tiny --batch-sizes 64 128 256 --device cuda
+    python benchmarks/clip_step.py --model tiny --batch-sizes 64 128 256 --device cuda
 
 Synthetic tensors (no data loading): this measures the model + optimizer step only.
 Prints a markdown table with the machine it ran on.
@@ -21,7 +21,7 @@ from polymodal.objectives.itc import clip_loss
 from polymodal.utils.cli import CONFIG_DIR
 
 
-def build_backbone(model: str, overrides: list[str]) -> torch.nn.Module:
+def build_model(model: str, overrides: list[str]) -> torch.nn.Module:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(
             "train",
@@ -42,7 +42,7 @@ def measure(model, cfg, batch: int, precision: str, device: str, steps: int) -> 
 
     def step() -> None:
         with torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype is not None):
-            loss = clip_loss(model.embed_image(images), model.embed_text(ids, mask), scale)
+            loss = clip_loss(model.embed("image", images), model.embed("text", ids, mask), scale)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -61,15 +61,17 @@ def measure(model, cfg, batch: int, precision: str, device: str, steps: int) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="clip_tiny")
+    parser.add_argument("--model", default="tiny")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128])
     parser.add_argument("--precisions", nargs="+", default=["32", "bf16-mixed"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.image.depth=6")
+    parser.add_argument(
+        "overrides", nargs="*", help="Hydra overrides, e.g. model.towers.image.depth=6"
+    )
     args = parser.parse_args()
 
-    model, cfg = build_backbone(args.model, args.overrides)
+    model, cfg = build_model(args.model, args.overrides)
     model.to(args.device).train()
     params = sum(p.numel() for p in model.parameters()) / 1e6
     cpu = platform.processor() or platform.machine()

@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from polymodal.evaluation.captioning import attribute_match_rate
+from polymodal.tasks.pretrain import build_module
 
 ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = {
@@ -42,7 +43,7 @@ def load_run(run_dir: Path, ckpt: Path):
     cfg.paths.root_dir = str(ROOT)  # the saved config refers to the launch dir via ${hydra:}
     datamodule = instantiate(cfg.data)
     datamodule.setup()
-    module = instantiate(cfg.task, backbone=instantiate(cfg.model))
+    module = build_module(cfg)
     state = torch.load(
         run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
     )
@@ -71,8 +72,8 @@ def main() -> None:
         start = time.perf_counter()
         ids, logprobs, texts, metas = [], [], [], []
         for batch in batches:
-            out_ids, out_lp = module.backbone.generate(
-                batch["image"],
+            out_ids, out_lp = module.model.generate(
+                module.model.encode("image", batch["image"]),
                 bos_id=tok.bos_id,
                 eos_id=tok.eos_id,
                 pad_id=tok.pad_id,

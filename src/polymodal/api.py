@@ -14,14 +14,14 @@ from hydra.utils import instantiate
 from PIL import Image
 from torch import Tensor
 
-from polymodal.data.datamodule import (
+from polymodal.data.shards import (
     IMAGE_KEYS,
     TEXT_KEYS,
-    KeySplitter,
     SampleDecoder,
+    SkipPolicy,
+    decoded_samples,
     expand_shards,
     shard_sizes,
-    tar_samples,
 )
 from polymodal.data.tokenizer import TextTokenizer
 from polymodal.data.transforms import image_transform
@@ -63,13 +63,13 @@ class Polymodal:
     @torch.no_grad()
     def encode_image(self, images: Sequence[Image.Image] | Tensor) -> Tensor:
         """L2-normalised image embeddings [N, D]."""
-        return self.module.backbone.embed_image(self.preprocess(images))
+        return self.module.model.embed("image", self.preprocess(images))
 
     @torch.no_grad()
     def encode_text(self, texts: Sequence[str]) -> Tensor:
         """L2-normalised text embeddings [N, D]."""
         ids, mask = self.tokenizer.encode(list(texts))
-        return self.module.backbone.embed_text(ids.to(self.device), mask.to(self.device))
+        return self.module.model.embed("text", ids.to(self.device), mask.to(self.device))
 
     @torch.no_grad()
     def zero_shot(
@@ -79,11 +79,17 @@ class Polymodal:
         templates: Sequence[str] = ("{}",),
     ) -> Tensor:
         """Class probabilities [N, C]: each class is the mean of its normalised prompt
-        embeddings (CLIP's prompt ensemble), scored at the learned temperature."""
+        embeddings (CLIP's prompt ensemble), scored at the learned temperature (100 for a
+        model trained without one). With a SigLIP bias the classes are independent
+        sigmoids (SigLIP's zero-shot), else a softmax over classes."""
         classifier = build_zeroshot_classifier(self.encode_text, class_names, templates)
         logits = self.encode_image(images).float() @ classifier.to(self.device).T
-        objectives = self.module.objectives
-        scale = objectives["itc"].logit_scale.exp() if "itc" in objectives else 100.0
+        model = self.module.model
+        if model.logit_scale is None:
+            return (100.0 * logits).softmax(dim=-1)
+        scale, bias = model.contrastive_scale()
+        if bias is not None:
+            return torch.sigmoid(scale * logits + bias)
         return (scale * logits).softmax(dim=-1)
 
     def read_shards(
@@ -97,18 +103,8 @@ class Polymodal:
         order. Bad samples are skipped (as in training) and their errors appended to
         `skipped`, so callers can count them."""
         decoder = SampleDecoder(self.transform, image_keys, text_keys)
-        split_key = KeySplitter(decoder.extensions)
-
-        def skip(exc: Exception) -> bool:
-            skipped.append(str(exc))
-            return True
-
-        for url in expand_shards(shards, "shards"):
-            for raw in tar_samples(url, split_key, skip):
-                try:
-                    yield decoder(raw)
-                except ValueError as exc:
-                    skip(exc)
+        skips = SkipPolicy(quiet=True, record=lambda exc: skipped.append(str(exc)))
+        yield from decoded_samples(expand_shards(shards, "shards"), decoder, skips)
 
     @torch.no_grad()
     def embed_shards(
@@ -192,13 +188,18 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Polymodal:
     if missing:
         raise ConfigError(f"{path}: not a complete polymodal checkpoint (no {', '.join(missing)})")
     config = stored["config"]
+    if str(config["model"].get("_target_", "")).endswith(".Backbone"):
+        raise ConfigError(
+            f"{path}: written by polymodal before the model owned its heads (model "
+            "Backbone); this version cannot rebuild it: retrain, or load it with the "
+            "polymodal release that wrote it"
+        )
     try:
         for field in ("model", "task"):
             check_targets(config[field], field)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
-    backbone = instantiate(config["model"])
-    module = instantiate(config["task"], backbone=backbone)
+    module = instantiate(config["task"], model=instantiate(config["model"]))
     tokenizer = TextTokenizer.from_state(stored["tokenizer"])
     module.tokenizer = tokenizer
     module.load_state_dict(checkpoint["state_dict"])

@@ -29,17 +29,17 @@ from omegaconf import DictConfig, OmegaConf
 
 import polymodal
 from polymodal.api import Polymodal
+from polymodal.data.meta import IMAGE_ID, label_name, sorted_labels
 from polymodal.data.shardtools import values_reader
-from polymodal.evaluation.captioning import attribute_match_rate, caption_scores
+from polymodal.evaluation.captioning import caption_metrics
 from polymodal.evaluation.evaluator import EmbeddingEvaluator, image_of, label_indices
 from polymodal.evaluation.linear_probe import linear_probe
-from polymodal.evaluation.media import retrieval_examples, write_media
-from polymodal.evaluation.zeroshot import label_name, sorted_labels, zeroshot_tasks
-from polymodal.train import finish_wandb
+from polymodal.evaluation.validation import write_evaluation_media
+from polymodal.evaluation.zeroshot import zeroshot_tasks
 from polymodal.utils.cli import hydra_app
 from polymodal.utils.errors import ConfigError
 from polymodal.utils.instantiate import instantiate_group
-from polymodal.utils.loggers import log_eval_files
+from polymodal.utils.loggers import finish_wandb, log_eval_files
 from polymodal.utils.report import print_metrics, write_metrics
 from polymodal.utils.validate import check_types
 
@@ -58,22 +58,15 @@ def zeroshot_retrieval(
     evaluator = EmbeddingEvaluator(
         zeroshot,
         retrieval=retrieval,
-        group_by=spec.get("group_by", "image_id"),
+        group_by=spec.get("group_by", IMAGE_ID),
     )
     evaluator.update(data["image"], data["text"], data["meta"], data["captions"])
     metrics = evaluator.compute(model.encode_text)
     (out_dir / "confusion").mkdir(parents=True, exist_ok=True)
-    confusion = {}
     for attribute, matrix in evaluator.confusion.items():
-        confusion[attribute] = (matrix, evaluator.classes(attribute))
         table = {"classes": evaluator.classes(attribute), "matrix": matrix.tolist()}
         (out_dir / "confusion" / f"{name}_{attribute}.json").write_text(json.dumps(table))
-    pictures = None
-    if examples:
-        pictures = retrieval_examples(
-            data["images"], data["image"], data["text"], data["captions"], data["keys"]
-        )
-    write_media(out_dir / "media", f"_{name}", confusion, pictures)
+    write_evaluation_media(evaluator, data["images"], out_dir / "media", f"_{name}", data["keys"])
     metrics["samples"] = float(len(data["keys"]))
     metrics["skipped_samples"] = float(len(data["skipped"]))
     return metrics
@@ -105,12 +98,12 @@ def captioning(
 ) -> dict[str, float]:
     """Captions for the first `max_samples` images; references are all captions of an
     image (samples sharing a `group_by` value), as COCO scores them."""
-    if model.module.backbone.decoder is None:
+    if model.module.model.decoder is None:
         raise ConfigError(
             f"eval.benchmarks.{name}: kind captioning needs a checkpoint with a caption "
             "decoder (trained with a caption objective, e.g. experiment=coca)"
         )
-    max_samples, group_by = spec.get("max_samples", 500), spec.get("group_by", "image_id")
+    max_samples, group_by = spec.get("max_samples", 500), spec.get("group_by", IMAGE_ID)
     images, references, metas, keys, skipped = {}, {}, {}, {}, []
     for sample in model.read_shards(spec["shards"], skipped):
         image_id = image_of(sample["meta"], group_by, sample["key"])
@@ -131,14 +124,8 @@ def captioning(
             torch.stack([images[i] for i in chunk]), **spec.get("generation", {})
         )
         generated.update(zip(chunk, texts, strict=True))
-    scores = caption_scores(generated, references)
-    metrics = {key: scores[key] for key in ("bleu1", "bleu4", "cider")}
     attributes = spec.get("match_attributes", ["color", "shape"])
-    if attributes and any(all(a in m for a in attributes) for m in metas.values()):
-        captions = [generated[i] for i in ids]
-        metrics["attribute_match"] = attribute_match_rate(
-            captions, [metas[i] for i in ids], attributes
-        )
+    metrics = caption_metrics(generated, references, metas, attributes)
     (out_dir / "captions").mkdir(parents=True, exist_ok=True)
     with open(out_dir / "captions" / f"{name}.jsonl", "w") as file:
         for i in ids:

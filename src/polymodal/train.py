@@ -9,20 +9,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
-import wandb
 from hydra.utils import instantiate
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from polymodal.tasks.pretrain import build_module
 from polymodal.utils.checkpoint import read_checkpoint
-from polymodal.utils.checkpoint_io import LAST, previous_path
+from polymodal.utils.checkpoint_io import previous_path
 from polymodal.utils.cli import hydra_app
 from polymodal.utils.errors import ConfigError
 from polymodal.utils.files import LockHeld, remove_stale_temps, try_lock
 from polymodal.utils.instantiate import instantiate_group
-from polymodal.utils.loggers import run_name, sweep_group
-from polymodal.utils.monitor import metric_mode, optimized_metric
+from polymodal.utils.loggers import finish_wandb
+from polymodal.utils.monitor import optimized_metric
 from polymodal.utils.overrides import replaces_specs
 from polymodal.utils.report import print_metrics, write_metrics
 from polymodal.utils.validate import check_types
@@ -36,19 +36,6 @@ RUN_FACTS = (
     "data/skipped",
     "dist/ranks_same_step",
     "dist/ranks_in_sync",
-)
-# the launch directory for conf/paths (Hydra's ${hydra:runtime.cwd} is unset while a
-# multirun resolves its sweep dir); jobs run where they were launched (chdir: false)
-OmegaConf.register_new_resolver("polymodal.cwd", os.getcwd, replace=True)
-# the wandb group and run name of a sweep's jobs (conf/logger/wandb.yaml)
-OmegaConf.register_new_resolver("polymodal.sweep_group", sweep_group, replace=True)
-OmegaConf.register_new_resolver("polymodal.run_name", run_name, replace=True)
-# the best checkpoint's monitor and mode (conf/callbacks): `optimized_metric`, auto resolved
-OmegaConf.register_new_resolver(
-    "polymodal.optimized_metric", lambda *, _root_: optimized_metric(_root_), replace=True
-)
-OmegaConf.register_new_resolver(
-    "polymodal.metric_mode", lambda *, _root_: metric_mode(optimized_metric(_root_)), replace=True
 )
 # held by a live run in its output directory (see output_dir_lock)
 LOCK_FILE = ".polymodal.lock"
@@ -81,8 +68,9 @@ def output_dir_lock(cfg: DictConfig) -> Iterator[None]:
                 f"{output_dir}: another run is using this output directory ({held.owner}); "
                 "wait for it to end or choose another hydra.run.dir"
             ) from None
-        if Path(cfg.paths.checkpoint_dir).is_dir():
-            remove_stale_temps(cfg.paths.checkpoint_dir)
+        for directory in {Path(cfg.paths.checkpoint_dir), Path(cfg.paths.last_checkpoint).parent}:
+            if directory.is_dir():
+                remove_stale_temps(directory)
         yield
 
 
@@ -100,8 +88,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if cfg.get("seed") is not None:
             L.seed_everything(cfg.seed, workers=True)
         datamodule = instantiate(cfg.data)
-        backbone = instantiate(cfg.model)
-        module = instantiate(cfg.task, backbone=backbone)
+        module = build_module(cfg)
         module.run_config = OmegaConf.to_container(cfg, resolve=True)
         callbacks = instantiate_group(cfg.get("callbacks"), "callbacks")
         loggers = instantiate_group(cfg.get("logger"), "logger")
@@ -126,16 +113,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
         return metrics
 
 
-def finish_wandb() -> None:
-    """End the wandb run (so the runs of a multirun never merge into one) without
-    replacing the exception that may be ending this one: when SLURM requeues a job its
-    SIGTERM can stop wandb's service first, and finishing then fails."""
-    try:
-        wandb.finish()
-    except (ConnectionError, OSError) as err:
-        log.warning("wandb.finish failed: %s", err)
-
-
 def resume_from(cfg: DictConfig) -> str | None:
     """`ckpt_path` (a file that does not load is a ConfigError), else with `auto_resume`
     the newest of the run's own checkpoints that loads: a requeued job, or a rerun of the
@@ -151,7 +128,7 @@ def resume_from(cfg: DictConfig) -> str | None:
         return cfg.ckpt_path
     if not cfg.get("auto_resume"):
         return None
-    candidates = resume_candidates(Path(cfg.paths.checkpoint_dir))
+    candidates = resume_candidates(Path(cfg.paths.last_checkpoint), Path(cfg.paths.checkpoint_dir))
     for path in candidates:
         try:
             check_resumable(path)
@@ -168,12 +145,12 @@ def resume_from(cfg: DictConfig) -> str | None:
     return None
 
 
-def resume_candidates(checkpoint_dir: Path) -> list[Path]:
-    """last.ckpt, the one it replaced (last-previous.ckpt), then every other checkpoint
-    file in the directory, newest first."""
-    last = checkpoint_dir / f"{LAST}.ckpt"
+def resume_candidates(last: Path, checkpoint_dir: Path) -> list[Path]:
+    """`last` (paths.last_checkpoint), the one it replaced (last-previous.ckpt), then every
+    other checkpoint file in `checkpoint_dir` and beside `last`, newest first."""
     first = [last, previous_path(last)]
-    others = [p for p in checkpoint_dir.glob("*.ckpt") if p not in first and p.is_file()]
+    found = {*checkpoint_dir.glob("*.ckpt"), *last.parent.glob("*.ckpt")}
+    others = [p for p in found if p not in first and p.is_file()]
     others.sort(key=lambda p: p.stat().st_mtime, reverse=True)
     return [p for p in first if p.is_file()] + others
 

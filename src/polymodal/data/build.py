@@ -24,9 +24,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from polymodal.data.datamodule import DEFAULT_MAX_PIXELS
-from polymodal.data.tario import add_sample, atomic_tar, dataset_lock, write_json
+from polymodal.data.shards import DEFAULT_MAX_PIXELS
 from polymodal.data.tokenizer import train_tokenizer
+from polymodal.data.writing import add_sample, atomic_tar, dataset_lock, write_json
 from polymodal.utils.cli import progress_bar
 from polymodal.utils.errors import ConfigError, SkippedSample
 from polymodal.utils.files import atomic_file, remove_stale_temps

@@ -5,73 +5,33 @@ from __future__ import annotations
 import io
 import json
 from collections import Counter
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from polymodal.data.datamodule import (
-    DEFAULT_MAX_CAPTION_BYTES,
-    DEFAULT_MAX_PIXELS,
-    IMAGE_KEYS,
-    KeySplitter,
-)
-from polymodal.data.tario import read_samples
+from polymodal.data.shards import IMAGE_KEYS, TEXT_KEYS, SampleDecoder, read_samples
+from polymodal.utils.errors import SkippedSample
 
-IMAGE_EXTENSIONS = IMAGE_KEYS
-TEXT_EXTENSIONS = ("txt", "caption")
-# keys may contain dots when the member ends in a known extension, as in training
-split_key = KeySplitter((*IMAGE_EXTENSIONS, *TEXT_EXTENSIONS, "json"))
-
-
-def samples(
-    shard: str, read: Collection[str] | None = None, max_bytes: int | None = None
-) -> Iterator[tuple[str, dict[str, bytes] | None, str | None]]:
-    """(key, {extension: bytes}, error) per sample, keys split as training splits them
-    (see `tario.read_samples`)."""
-    return read_samples(shard, split_key, read, max_bytes)
+# what training decodes, with training's keys and default limits, minus the transform
+DECODER = SampleDecoder()
 
 
 def sample_problems(members: dict[str, bytes]) -> list[str]:
-    """What is wrong with one sample (empty list when it is fine)."""
-    problems = []
-    images = [e for e in IMAGE_EXTENSIONS if e in members]
-    if not images:
-        problems.append("no image member")
-    else:
-        try:
-            with Image.open(io.BytesIO(members[images[0]])) as image:
-                width, height = image.size  # training's limit, checked before decoding
-                if width * height > DEFAULT_MAX_PIXELS:
-                    problems.append(f"{width}x{height} image > {DEFAULT_MAX_PIXELS} px")
-                else:
-                    image.load()
-        except Exception as err:  # noqa: BLE001 - any decode failure is corruption
-            problems.append(f"corrupt .{images[0]} ({type(err).__name__})")
-    texts = [e for e in TEXT_EXTENSIONS if e in members]
-    if not texts:
-        problems.append("no caption member")
-    elif len(members[texts[0]]) > DEFAULT_MAX_CAPTION_BYTES:
-        problems.append(f"caption of {len(members[texts[0]])} bytes > {DEFAULT_MAX_CAPTION_BYTES}")
-    else:
-        try:
-            if not members[texts[0]].decode("utf-8").strip():
-                problems.append("empty caption")
-        except UnicodeDecodeError:
-            problems.append("caption is not UTF-8")
-    if "json" in members:
-        try:
-            json.loads(members["json"])
-        except ValueError:
-            problems.append("corrupt .json")
-    return problems
+    """What is wrong with one sample, as training's decoder finds it (empty list when it is
+    fine): training would skip exactly the samples with a problem."""
+    try:
+        DECODER.decode(members)
+    except SkippedSample as exc:
+        return [exc.detail]
+    return []
 
 
 def verify(shards: Sequence[str]) -> tuple[int, list[str]]:
     """(good samples, ["shard:key: problem", ...]) over every sample of every shard."""
     good, reports = 0, []
     for shard in shards:
-        for key, members, error in samples(shard):
+        for key, members, error in read_samples(shard):
             problems = [error] if error else sample_problems(members)
             if problems:
                 reports.append(f"{shard}:{key}: {'; '.join(problems)}")
@@ -88,7 +48,7 @@ def inspect(shards: Sequence[str], show: int = 5) -> dict:
     problems, bad_samples = Counter(), []
     for shard in shards:
         count = 0
-        for key, members, error in samples(shard):
+        for key, members, error in read_samples(shard):
             found = [error] if error else sample_problems(members)
             if found:
                 problems.update(found)
@@ -112,9 +72,9 @@ def inspect(shards: Sequence[str], show: int = 5) -> dict:
 
 
 def describe(key: str, members: dict[str, bytes]) -> dict:
-    text = next((members[e] for e in TEXT_EXTENSIONS if e in members), b"")
+    text = next((members[e] for e in TEXT_KEYS if e in members), b"")
     entry = {"key": key, "caption": text.decode("utf-8", errors="replace").strip()}
-    image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
+    image = next((members[e] for e in IMAGE_KEYS if e in members), None)
     if image is not None:
         with Image.open(io.BytesIO(image)) as img:
             entry["image_size"] = list(img.size)
@@ -127,11 +87,11 @@ def contact_sheet(shards: Sequence[str], path: Path, count: int = 16, thumb: int
     """A PNG grid of the first `count` images with their captions; returns how many."""
     tiles = []
     for shard in shards:
-        for _, members, error in samples(shard):
+        for _, members, error in read_samples(shard):
             if error or len(tiles) == count:
                 continue
-            image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
-            text = next((members[e] for e in TEXT_EXTENSIONS if e in members), b"")
+            image = next((members[e] for e in IMAGE_KEYS if e in members), None)
+            text = next((members[e] for e in TEXT_KEYS if e in members), b"")
             if image is not None and not sample_problems(members):
                 tile = Image.open(io.BytesIO(image)).convert("RGB")
                 tile.thumbnail((thumb, thumb))

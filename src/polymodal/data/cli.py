@@ -9,11 +9,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from polymodal.data import build, check, shardtools
-from polymodal.data.datamodule import expand_shards
 from polymodal.data.digits import ensure_digits, write_digits
+from polymodal.data.meta import sorted_labels
 from polymodal.data.shapes import ensure_shapes, write_shapes
+from polymodal.data.shards import TEXT_KEYS, expand_shards
 from polymodal.data.tokenizer import train_tokenizer
-from polymodal.evaluation.zeroshot import sorted_labels
 from polymodal.utils import cli
 from polymodal.utils.errors import ConfigError
 from polymodal.utils.files import atomic_write_text
@@ -219,7 +219,7 @@ def _add_shard_tool_parsers(subparsers: argparse._SubParsersAction) -> None:
     tokenizer.add_argument("--out", type=Path, required=True, help="tokenizer.json to write")
     tokenizer.add_argument("--vocab", type=int, default=8000, help="vocabulary size")
     tokenizer.add_argument(
-        "--text-keys", nargs="+", default=list(check.TEXT_EXTENSIONS), help="caption members"
+        "--text-keys", nargs="+", default=list(TEXT_KEYS), help="caption members"
     )
     tokenizer.set_defaults(func=_run_tokenizer)
     values = subparsers.add_parser(

@@ -19,8 +19,8 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from polymodal.data.shapes import ensure_dataset
-from polymodal.data.tario import add_sample, atomic_tar, locks_dataset, write_json
 from polymodal.data.tokenizer import train_tokenizer
+from polymodal.data.writing import add_sample, atomic_tar, locks_dataset, write_json
 from polymodal.utils.errors import ConfigError
 from polymodal.utils.files import remove_stale_temps
 

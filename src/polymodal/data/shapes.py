@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from polymodal.data.tario import add_sample, atomic_tar, dataset_lock, locks_dataset, write_json
 from polymodal.data.tokenizer import train_tokenizer
+from polymodal.data.writing import add_sample, atomic_tar, dataset_lock, locks_dataset, write_json
 from polymodal.utils.files import remove_stale_temps
 
 GENERATOR_VERSION = 1

@@ -9,17 +9,21 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from polymodal.data.check import samples, split_key
-from polymodal.data.datamodule import DEFAULT_MAX_CAPTION_BYTES, expand_shards
-from polymodal.data.tario import count_samples, write_json
-from polymodal.evaluation.zeroshot import label_name, sorted_labels
+from polymodal.data.meta import label_name, sorted_labels
+from polymodal.data.shards import (
+    DEFAULT_MAX_CAPTION_BYTES,
+    count_samples,
+    expand_shards,
+    read_samples,
+)
+from polymodal.data.writing import write_json
 from polymodal.utils.errors import ConfigError
 
 
 def write_sizes(urls: Sequence[str]) -> dict[str, int]:
     """Count each shard's samples from its tar headers and record them in the `sizes.json`
     beside it (open_clip's convention; entries of other shards there are kept)."""
-    counts = {url: count_samples(url, split_key) for url in urls}
+    counts = {url: count_samples(url) for url in urls}
     for directory in {Path(url).parent for url in urls}:
         path = directory / "sizes.json"
         sizes = json.loads(path.read_text()) if path.exists() else {}
@@ -31,7 +35,9 @@ def write_sizes(urls: Sequence[str]) -> dict[str, int]:
 def captions(urls: Sequence[str], text_keys: Sequence[str]) -> Iterator[str]:
     """Each sample's caption: its first member among `text_keys` (extensions), stripped."""
     for url in urls:
-        for _, members, error in samples(url, read=text_keys, max_bytes=DEFAULT_MAX_CAPTION_BYTES):
+        for _, members, error in read_samples(
+            url, read=text_keys, max_bytes=DEFAULT_MAX_CAPTION_BYTES
+        ):
             text = next((members[k] for k in text_keys if k in members), None) if members else None
             if error is None and text:
                 yield text.decode("utf-8", errors="replace").strip()
@@ -42,7 +48,9 @@ def field_values(urls: Sequence[str], field: str, members: bool = True) -> Count
     without it counts the text of its `{key}.{field}` member instead (webdataset's `.cls`)."""
     counts: Counter[str] = Counter()
     for url in urls:
-        for key, sample, error in samples(url, ("json", field), DEFAULT_MAX_CAPTION_BYTES):
+        for key, sample, error in read_samples(
+            url, read=("json", field), max_bytes=DEFAULT_MAX_CAPTION_BYTES
+        ):
             if error is not None:
                 continue
             labels = sample_json(sample, url, key) if "json" in sample else {}

@@ -9,7 +9,7 @@ therefore differ slightly from official COCO numbers on text with hyphens or apo
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
@@ -80,3 +80,22 @@ def attribute_match_rate(
     if total == 0:
         raise ValueError(f"no sample has all of the attributes {tuple(attributes)}")
     return hits / total
+
+
+def caption_metrics(
+    generated: Mapping[str, str],
+    references: Mapping[str, list[str]],
+    metas: Mapping[str, Mapping],
+    attributes: Sequence[str] = ("color", "shape"),
+) -> dict[str, float]:
+    """BLEU-1/4 and CIDEr of one generated caption per image against all of that image's
+    captions (COCO's rule; training and `polymodal-eval` both score this way), and, when
+    images carry every `attributes` field, how often a caption names them all."""
+    scores = caption_scores(dict(generated), dict(references))
+    metrics = {key: scores[key] for key in ("bleu1", "bleu4", "cider")}
+    if attributes and any(all(a in m for a in attributes) for m in metas.values()):
+        ids = list(generated)
+        metrics["attribute_match"] = attribute_match_rate(
+            [generated[i] for i in ids], [metas[i] for i in ids], attributes
+        )
+    return metrics

@@ -7,12 +7,12 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from polymodal.data.meta import IMAGE_ID, label_name
 from polymodal.evaluation.retrieval import retrieval_metrics
 from polymodal.evaluation.zeroshot import (
     ZeroShotTask,
     build_zeroshot_classifier,
     confusion_matrix,
-    label_name,
     zeroshot_metrics,
 )
 from polymodal.utils.distributed import gather_objects, gather_variable, rank_and_world
@@ -47,7 +47,7 @@ class EmbeddingEvaluator:
         zeroshot: Mapping[str, ZeroShotTask] | None = None,
         retrieval: bool = True,
         retrieval_chunk_size: int = 1024,
-        group_by: str | None = "image_id",
+        group_by: str | None = IMAGE_ID,
     ) -> None:
         self.zeroshot = dict(zeroshot or {})
         self.retrieval = retrieval
@@ -97,6 +97,11 @@ class EmbeddingEvaluator:
     def captions(self) -> list[str]:
         """The texts passed to `update` (empty strings where none were), in sample order."""
         return self._captions
+
+    @property
+    def metas(self) -> list[dict]:
+        """The json metadata passed to `update`, in sample order."""
+        return self._meta
 
     def image_groups(self) -> tuple[Tensor, Tensor]:
         """(first sample of each image [Ni], image index of each sample [N]).

@@ -1,4 +1,4 @@
-"""Pictures of an evaluation: confusion matrices and retrieval examples.
+"""Pictures of an evaluation: confusion matrices and retrieval examples, to files and wandb.
 
 Rendered with matplotlib's Agg canvas (no pyplot, so no global figure state and no
 display), to RGB arrays: the same pixels go to PNG files and to wandb. Retrieval examples
@@ -11,6 +11,7 @@ import csv
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +21,9 @@ from PIL import Image
 from torch import Tensor
 
 from polymodal.data.transforms import CLIP_MEAN, CLIP_STD
+
+if TYPE_CHECKING:
+    from lightning.pytorch.loggers import WandbLogger
 
 
 @dataclass
@@ -154,3 +158,25 @@ def write_media(
     for name, pixels in pictures.items():
         save_png(pixels, out_dir / f"{name}{suffix}.png")
     return pictures
+
+
+def log_media_to_wandb(
+    logger: WandbLogger,
+    pictures: Mapping[str, np.ndarray],
+    examples: RetrievalExamples | None,
+    step: int,
+) -> None:
+    """Confusion matrices as `val/confusion_<attr>` images and the retrieval examples as a
+    `val/retrieval` table (the image, its caption, the top-k retrieved captions)."""
+    import wandb  # only runs that log to wandb pay for importing it
+
+    for name, pixels in pictures.items():
+        if name.startswith("confusion_"):
+            logger.log_image(key=f"val/{name}", images=[pixels], step=step)
+    if examples is not None:
+        data = [
+            [wandb.Image(image), *row]
+            for image, row in zip(examples.images, examples.rows(), strict=True)
+        ]
+        columns = ["image", *examples.columns()]
+        logger.log_table(key="val/retrieval", columns=columns, data=data, step=step)

@@ -4,7 +4,7 @@ the zero-shot spec: per attribute, where its class names come from and its promp
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,26 +29,6 @@ class ZeroShotTask:
     classes: list[str]
     templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
     phrases: dict[str, str] = field(default_factory=dict)
-
-
-def label_name(value: object) -> str | None:
-    """A sample's label as a class name: a json string, or a number's text (`3` -> "3");
-    None for anything else (missing, null, a list)."""
-    if isinstance(value, bool) or not isinstance(value, str | int):
-        return None
-    return str(value)
-
-
-def sorted_labels(values: Iterable[str]) -> list[str]:
-    """Distinct label names, numbers in numeric order ("2" before "10"), then the rest."""
-
-    def order(name: str) -> tuple:
-        try:
-            return (False, int(name), name)
-        except ValueError:
-            return (True, 0, name)
-
-    return sorted(set(values), key=order)
 
 
 def read_classes(

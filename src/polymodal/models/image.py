@@ -1,4 +1,5 @@
-"""Image tower: any timm model, optionally with a convolutional patch stem.
+"""Image encoders: the ViT stem of our trunk, or any timm model as a separate tower;
+either with an optional convolutional patch stem.
 
 A plain ViT patch embedding learns shapes slowly on small images; a stack of stride-2
 3x3 convolutions in its place ("Early Convolutions Help Transformers See Better",
@@ -8,12 +9,15 @@ Xiao et al. 2021) learns them several times faster at nearly the same cost.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import timm
 import torch
 from timm.layers import PatchEmbed
 from timm.models import checkpoint_seq
 from torch import Tensor, nn
+
+from polymodal.models.trunk import Stem
 
 
 class ConvStemPatchEmbed(PatchEmbed):
@@ -46,7 +50,7 @@ def create_image_tower(name: str, conv_stem: bool = False, **kwargs) -> nn.Modul
     No pretrained weights: nothing is downloaded at run time.
     """
     if name not in timm.list_models():
-        raise ValueError(f"model.image.name: unknown timm model {name!r}")
+        raise ValueError(f"model.modalities.image.tower.timm: unknown timm model {name!r}")
     if conv_stem:
         kwargs["embed_layer"] = ConvStemPatchEmbed
     return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
@@ -59,10 +63,51 @@ def keep_patches(tokens: Tensor, keep: Tensor, num_prefix: int) -> Tensor:
     return torch.cat([tokens[:, :num_prefix], patches.gather(1, index)], dim=1)
 
 
-class TimmImageTower(nn.Module):
-    """A timm model as the image tower of `sharing=separate`.
+class ImageStem(Stem):
+    """ViT stem: patch embedding (plain or convolutional), a CLS token, learned positions;
+    pooled by the CLS token."""
 
-    `encode(images, keep)` drops masked patches before the blocks, which needs the timm
+    input_key = "image"
+    num_prefix_tokens = 1
+
+    def __init__(
+        self, width: int, img_size: int = 64, patch_size: int = 8, conv_stem: bool = True
+    ) -> None:
+        super().__init__()
+        embed_cls = ConvStemPatchEmbed if conv_stem else PatchEmbed
+        self.patch_embed = embed_cls(
+            img_size=img_size, patch_size=patch_size, in_chans=3, embed_dim=width
+        )
+        self.patch_size = patch_size
+        self.num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos = nn.Parameter(torch.randn(1, 1 + self.num_patches, width) * 0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_token", "pos"}
+
+    def forward(self, images: Tensor, keep: Tensor | None = None) -> Tensor:
+        x = self.patch_embed(images)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        return x if keep is None else keep_patches(x, keep, self.num_prefix_tokens)
+
+    def pool(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
+        return tokens[:, 0]
+
+    @classmethod
+    def tower(cls, name: str, stem: Mapping, tower: Mapping) -> nn.Module:
+        """A timm model when `tower.timm` names one (its other keys go to timm), else a
+        trunk of our blocks."""
+        tower = dict(tower)
+        if "timm" not in tower:
+            return super().tower(name, stem, tower)
+        return TimmImageTower(tower.pop("timm"), **stem, **tower)
+
+
+class TimmImageTower(nn.Module):
+    """A timm model as the image encoder of `sharing=separate`, with the trunk interface.
+
+    `encode(..., keep=)` drops masked patches before the blocks, which needs the timm
     VisionTransformer layout (patch_embed, _pos_embed, blocks, norm); any other timm model
     works for everything but MIM.
     """
@@ -76,11 +121,16 @@ class TimmImageTower(nn.Module):
         self.patch_size = embed.patch_size[0] if embed is not None else None
         self.num_patches = embed.num_patches if embed is not None else None
 
-    def encode(self, images: Tensor, keep: Tensor | None = None) -> Tensor:
+    def stem(self, modality: str) -> nn.Module:
+        return self  # patch_size, num_patches, num_prefix_tokens
+
+    def encode(
+        self, modality: str, images: Tensor, mask: Tensor | None = None, keep: Tensor | None = None
+    ) -> Tensor:
         if keep is None:
             return self.model.forward_features(images)
         if self.patch_size is None or not hasattr(self.model, "blocks"):
-            raise ValueError("patch masking (MIM) needs a ViT image tower (model.image.name)")
+            raise ValueError("patch masking (MIM) needs a ViT image tower (tower.timm)")
         m = self.model
         x = m._pos_embed(m.patch_embed(images))
         x = m.norm_pre(keep_patches(x, keep, self.num_prefix_tokens))
@@ -88,5 +138,5 @@ class TimmImageTower(nn.Module):
             return m.norm(checkpoint_seq(m.blocks, x))
         return m.norm(m.blocks(x))
 
-    def pool(self, tokens: Tensor) -> Tensor:
+    def pool(self, modality: str, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
         return self.model.forward_head(tokens, pre_logits=True)

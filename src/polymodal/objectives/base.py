@@ -4,23 +4,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from polymodal.models.backbone import Backbone
+from polymodal.models.model import PolymodalModel
 
 
 class EncodingCache:
-    """Encodes each view of one batch at most once per step, on first request.
+    """Encodes each modality of one batch at most once per step, on first request.
 
     Several objectives in one step (ITC + ITM + MLM ...) read the same image tokens and
     embeddings from here instead of running the encoders again. Objective-specific views
     (masked text for MLM, visible patches for MIM) go through `get` with their own name.
     """
 
-    def __init__(self, backbone: Backbone, batch: dict) -> None:
-        self.backbone = backbone
+    def __init__(self, model: PolymodalModel, batch: dict) -> None:
+        self.model = model
         self.batch = batch
         self._store: dict[str, object] = {}
 
@@ -29,28 +30,21 @@ class EncodingCache:
             self._store[name] = compute()
         return self._store[name]
 
-    def image_tokens(self) -> Tensor:
-        return self.get("image_tokens", lambda: self.backbone.encode_image(self.batch["image"]))
+    def mask(self, modality: str) -> Tensor | None:
+        return self.model.inputs(self.batch, modality)[1]
 
-    def text_tokens(self) -> Tensor:
+    def tokens(self, modality: str) -> Tensor:
         return self.get(
-            "text_tokens",
-            lambda: self.backbone.encode_text(self.batch["text_ids"], self.batch["text_mask"]),
+            f"{modality}_tokens",
+            lambda: self.model.encode(modality, *self.model.inputs(self.batch, modality)),
         )
 
-    def image_embedding(self) -> Tensor:
+    def embedding(self, modality: str) -> Tensor:
         def compute() -> Tensor:
-            pooled = self.backbone.pool(self.image_tokens(), "image")
-            return self.backbone.project(pooled, "image")
+            pooled = self.model.pool(modality, self.tokens(modality), self.mask(modality))
+            return self.model.project(modality, pooled)
 
-        return self.get("image_embedding", compute)
-
-    def text_embedding(self) -> Tensor:
-        def compute() -> Tensor:
-            pooled = self.backbone.pool(self.text_tokens(), "text", self.batch["text_mask"])
-            return self.backbone.project(pooled, "text")
-
-        return self.get("text_embedding", compute)
+        return self.get(f"{modality}_embedding", compute)
 
 
 def at_least_float32(x: Tensor) -> Tensor:
@@ -65,12 +59,13 @@ class ObjectiveOutput:
 
 
 class Objective(nn.Module):
-    """Head + loss. Subclasses implement `forward(cache) -> ObjectiveOutput`.
+    """A loss over the model's outputs: `forward(cache) -> ObjectiveOutput`.
 
-    Objectives whose heads depend on the backbone's sizes take a `backbone` constructor
-    argument (and call `backbone.require(...)` for the fusion encoder or decoder); they
-    must not keep a reference to it as a submodule.
+    Objectives hold no weights: the heads and temperatures they use are parts of the model,
+    and `parts` names them (the app builds the model with them).
     """
+
+    parts: ClassVar[tuple[str, ...]] = ()
 
     def forward(self, cache: EncodingCache) -> ObjectiveOutput:
         raise NotImplementedError
@@ -81,6 +76,3 @@ class Objective(nn.Module):
     def validation_metrics(self, cache: EncodingCache) -> dict[str, tuple[Tensor, int]]:
         """Extra validation metrics as {name: (value, weight)}, averaged over the epoch."""
         return {}
-
-    def after_optimizer_step(self) -> None:
-        """Hook run once per optimizer step (e.g. to clamp a learnable temperature)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from polymodal.models.backbone import Backbone
 from polymodal.objectives.base import EncodingCache, Objective, ObjectiveOutput
 
 IGNORE_INDEX = -100
@@ -23,12 +22,14 @@ def caption_loss(logits, ids, mask, label_smoothing: float = 0.0):
 
 
 class CaptionObjective(Objective):
-    def __init__(self, backbone: Backbone, label_smoothing: float = 0.0) -> None:
+    parts = ("decoder",)
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
         super().__init__()
-        backbone.require("decoder")
         self.label_smoothing = label_smoothing
 
     def forward(self, cache: EncodingCache) -> ObjectiveOutput:
         ids, mask = cache.batch["text_ids"], cache.batch["text_mask"]
-        logits = cache.backbone.decode(ids[:, :-1], cache.image_tokens(), text_mask=mask[:, :-1])
+        memory = cache.tokens(cache.model.decoder_memory)
+        logits = cache.model.decode(ids[:, :-1], memory, text_mask=mask[:, :-1])
         return ObjectiveOutput(loss=caption_loss(logits, ids, mask, self.label_smoothing))

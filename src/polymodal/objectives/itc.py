@@ -6,11 +6,9 @@ the loss and its gradients equal those of one process holding the whole global b
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from polymodal.objectives.base import (
     EncodingCache,
@@ -59,39 +57,34 @@ def clip_loss(
 
 
 class ITCObjective(Objective):
-    """CLIP loss with a learnable temperature.
+    """CLIP loss between two modalities' embeddings at the model's learned temperature.
 
-    The log-scale starts at ln(1/0.07) and is clamped to [0, ln(max_logit_scale)] after
-    every optimizer step, as in CLIP/open_clip. Training gathers negatives from every rank
-    (`local_loss`, `gather_with_grad`: see `clip_loss`); validation scores each rank's
-    batch on its own, so uneven val batches never meet in a collective.
+    Training gathers negatives from every rank (`local_loss`, `gather_with_grad`: see
+    `clip_loss`); validation scores each rank's batch on its own, so uneven val batches
+    never meet in a collective.
     """
+
+    parts = ("logit_scale",)
 
     def __init__(
         self,
-        init_logit_scale: float = 1 / 0.07,
-        max_logit_scale: float = 100.0,
+        modalities: tuple[str, str] = ("image", "text"),
         local_loss: bool = True,
         gather_with_grad: bool = True,
     ):
         super().__init__()
-        # shape [1], not a 0-d scalar: FSDP cannot shard scalar parameters
-        self.logit_scale = nn.Parameter(torch.full((1,), math.log(init_logit_scale)))
-        self.max_log_scale = math.log(max_logit_scale)
+        self.modalities = tuple(modalities)
         self.local_loss, self.gather_with_grad = local_loss, gather_with_grad
 
     def forward(self, cache: EncodingCache) -> ObjectiveOutput:
-        scale = self.logit_scale.exp()
+        scale, _ = cache.model.contrastive_scale()
+        first, second = self.modalities
         loss = clip_loss(
-            cache.image_embedding(),
-            cache.text_embedding(),
+            cache.embedding(first),
+            cache.embedding(second),
             scale,
             distributed=self.training,
             local_loss=self.local_loss,
             gather_with_grad=self.gather_with_grad,
         )
         return ObjectiveOutput(loss=loss, logs={"logit_scale": scale.detach()})
-
-    @torch.no_grad()
-    def after_optimizer_step(self) -> None:
-        self.logit_scale.clamp_(0.0, self.max_log_scale)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from polymodal.models.backbone import Backbone
+from polymodal.data.meta import IMAGE_ID
 from polymodal.objectives.base import EncodingCache, Objective, ObjectiveOutput
 
 
@@ -43,30 +43,19 @@ def sample_hard_negatives(
 
 def batch_ids(batch: dict) -> tuple[list[str], list[str]]:
     """Image ids (`image_id` in the json metadata, else the sample key) and captions."""
-    image_ids = [
-        str(m.get("image_id", k)) for m, k in zip(batch["meta"], batch["key"], strict=True)
-    ]
+    image_ids = [str(m.get(IMAGE_ID, k)) for m, k in zip(batch["meta"], batch["key"], strict=True)]
     return image_ids, list(batch["text"])
 
 
 class ITMObjective(Objective):
-    def __init__(self, backbone: Backbone) -> None:
-        super().__init__()
-        backbone.require("fusion")
-        self.head = nn.Linear(backbone.text_width, 2)
-
-    def pair_logits(
-        self, backbone: Backbone, text_tokens: Tensor, text_mask: Tensor, image_tokens: Tensor
-    ) -> Tensor:
-        """ITM logits [N, 2] (unmatched, matched) for aligned rows of text and image tokens."""
-        return self.head(backbone.fuse(text_tokens, text_mask, image_tokens)[:, 0])
+    parts = ("fusion", "itm_head")
 
     def match_logits(self, cache: EncodingCache, text_index: Tensor, image_index: Tensor):
         """ITM logits [N, 2] for pairs (text_index[n], image_index[n]) of the batch."""
-        text_tokens, image_tokens = cache.text_tokens(), cache.image_tokens()
-        mask = cache.batch["text_mask"]
-        return self.pair_logits(
-            cache.backbone, text_tokens[text_index], mask[text_index], image_tokens[image_index]
+        text_tokens, image_tokens = cache.tokens("text"), cache.tokens("image")
+        mask = cache.mask("text")
+        return cache.model.match_logits(
+            text_tokens[text_index], mask[text_index], image_tokens[image_index]
         )
 
     def forward(self, cache: EncodingCache) -> ObjectiveOutput:
@@ -74,7 +63,7 @@ class ITMObjective(Objective):
         size = batch["image"].shape[0]
         arange = torch.arange(size, device=batch["image"].device)
         with torch.no_grad():
-            sim = cache.image_embedding() @ cache.text_embedding().T
+            sim = cache.embedding("image") @ cache.embedding("text").T
             same = same_pair_mask(*batch_ids(batch), device=sim.device)
             neg_text, text_ok = sample_hard_negatives(sim, same)
             neg_image, image_ok = sample_hard_negatives(sim.T, same.T)

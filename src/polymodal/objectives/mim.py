@@ -9,10 +9,8 @@ masked patches only.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from polymodal.models.backbone import Backbone
-from polymodal.models.transformer import Block
 from polymodal.objectives.base import EncodingCache, Objective, ObjectiveOutput
 
 
@@ -40,55 +38,29 @@ def masked_patch_loss(pred: Tensor, target: Tensor, masked: Tensor) -> Tensor:
 
 
 class MIMObjective(Objective):
-    def __init__(
-        self,
-        backbone: Backbone,
-        mask_ratio: float = 0.75,
-        decoder_width: int = 64,
-        decoder_depth: int = 1,
-        decoder_heads: int = 4,
-        norm_pix_loss: bool = True,
-    ) -> None:
+    """Loss of the model's MAE decoder (`model.mim_decoder` sizes it) on the image."""
+
+    parts = ("mim_decoder",)
+
+    def __init__(self, mask_ratio: float = 0.75, norm_pix_loss: bool = True) -> None:
         super().__init__()
-        if backbone.patch_size is None:
-            raise ValueError("task.objectives.mim needs a ViT image tower with patches")
-        self.patch = backbone.patch_size
-        self.num_patches = backbone.num_patches
-        self.num_prefix = backbone.num_prefix_tokens
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
-        self.embed = nn.Linear(backbone.image_width, decoder_width)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_width))
-        self.pos = nn.Parameter(
-            torch.randn(1, self.num_prefix + self.num_patches, decoder_width) * 0.02
-        )
-        self.blocks = nn.ModuleList(
-            Block(decoder_width, decoder_heads) for _ in range(decoder_depth)
-        )
-        self.norm = nn.LayerNorm(decoder_width)
-        self.pred = nn.Linear(decoder_width, self.patch * self.patch * 3)
-        nn.init.normal_(self.mask_token, std=0.02)
 
-    def no_weight_decay(self) -> set[str]:
-        return {"mask_token", "pos"}
-
-    def target(self, images: Tensor) -> Tensor:
-        target = patchify(images, self.patch)
+    def target(self, images: Tensor, patch: int) -> Tensor:
+        target = patchify(images, patch)
         if self.norm_pix_loss:
             mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
             target = (target - mean) / (var + 1e-6).sqrt()
         return target
 
     def forward(self, cache: EncodingCache) -> ObjectiveOutput:
+        model = cache.model
         images = cache.batch["image"]
-        batch = images.shape[0]
-        keep, masked = random_keep(batch, self.num_patches, self.mask_ratio, images.device)
-        tokens = cache.get("image_tokens_mim", lambda: cache.backbone.encode_image(images, keep))
-        x = self.embed(tokens)
-        prefix, visible = x[:, : self.num_prefix], x[:, self.num_prefix :]
-        index = keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])
-        full = self.mask_token.expand(batch, self.num_patches, -1).scatter(1, index, visible)
-        x = torch.cat([prefix, full], dim=1) + self.pos
-        for block in self.blocks:
-            x = block(x)
-        pred = self.pred(self.norm(x)[:, self.num_prefix :])
-        return ObjectiveOutput(loss=masked_patch_loss(pred, self.target(images), masked))
+        stem = model.stem("image")
+        keep, masked = random_keep(
+            images.shape[0], stem.num_patches, self.mask_ratio, images.device
+        )
+        tokens = cache.get("image_tokens_mim", lambda: model.encode("image", images, keep=keep))
+        pred = model.reconstruct(tokens, keep)
+        target = self.target(images, stem.patch_size)
+        return ObjectiveOutput(loss=masked_patch_loss(pred, target, masked))

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from polymodal.models.backbone import Backbone
 from polymodal.objectives.base import EncodingCache, Objective, ObjectiveOutput
 
 IGNORE_INDEX = -100
@@ -52,23 +51,13 @@ def mask_tokens(
 
 
 class MLMObjective(Objective):
+    parts = ("fusion", "mlm_head")
+
     def __init__(
-        self,
-        backbone: Backbone,
-        mask_prob: float = 0.15,
-        eval_attributes: tuple[str, ...] = ("color", "shape"),
+        self, mask_prob: float = 0.15, eval_attributes: tuple[str, ...] = ("color", "shape")
     ) -> None:
         super().__init__()
-        backbone.require("fusion")
-        width = backbone.text_width
-        self.head = nn.Sequential(
-            nn.Linear(width, width),
-            nn.GELU(),
-            nn.LayerNorm(width),
-            nn.Linear(width, backbone.vocab_size),
-        )
         self.mask_prob = mask_prob
-        self.vocab_size = backbone.vocab_size
         self.eval_attributes = tuple(eval_attributes)
         self.mask_id: int | None = None
         self.register_buffer("special_ids", torch.empty(0, dtype=torch.long), persistent=False)
@@ -89,20 +78,16 @@ class MLMObjective(Objective):
         )  # BOS word EOS
         self.word_ids = torch.tensor(single, dtype=torch.long, device=device)
 
-    def predict(self, cache: EncodingCache, text_tokens: Tensor, image_tokens: Tensor) -> Tensor:
-        """Vocabulary logits for (masked) text tokens fused with image tokens."""
-        fused = cache.backbone.fuse(text_tokens, cache.batch["text_mask"], image_tokens)
-        return self.head(fused)
-
     def forward(self, cache: EncodingCache) -> ObjectiveOutput:
         if self.mask_id is None:
             raise RuntimeError("MLMObjective.setup(tokenizer, ...) was not called")
         ids, mask = cache.batch["text_ids"], cache.batch["text_mask"]
+        model = cache.model
         inputs, labels = mask_tokens(
-            ids, mask, self.mask_id, self.special_ids, self.vocab_size, self.mask_prob
+            ids, mask, self.mask_id, self.special_ids, model.vocab_size, self.mask_prob
         )
-        text_tokens = cache.backbone.encode_text(inputs, mask)
-        logits = self.predict(cache, text_tokens, cache.image_tokens())
+        text_tokens = model.encode("text", inputs, mask)
+        logits = model.masked_token_logits(text_tokens, mask, cache.tokens("image"))
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
         chosen = labels != IGNORE_INDEX
         acc = (logits.argmax(-1)[chosen] == labels[chosen]).float().mean()
@@ -123,13 +108,15 @@ class MLMObjective(Objective):
         )
         if not words.any():
             return {}
+        mask = cache.mask("text")
         inputs = ids.masked_fill(words, self.mask_id)
-        text_tokens = cache.backbone.encode_text(inputs, cache.batch["text_mask"])
-        image_tokens = cache.image_tokens()
+        text_tokens = cache.model.encode("text", inputs, mask)
+        image_tokens = cache.tokens("image")
         shuffled = image_tokens.roll(1, dims=0)
         metrics = {}
         for suffix, tokens in (("", image_tokens), ("_shuffled_image", shuffled)):
-            correct = self.predict(cache, text_tokens, tokens).argmax(-1) == ids
+            logits = cache.model.masked_token_logits(text_tokens, mask, tokens)
+            correct = logits.argmax(-1) == ids
             for name, chosen in (("word_acc", words & single[:, None]), ("word_acc_all", words)):
                 if chosen.any():
                     metrics[name + suffix] = (correct[chosen].float().mean(), int(chosen.sum()))

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from polymodal.objectives.base import (
     EncodingCache,
@@ -53,39 +51,26 @@ def siglip_loss(
 
 
 class SigLIPObjective(Objective):
-    """SigLIP loss with a learnable temperature and bias.
+    """SigLIP loss between two modalities at the model's learned temperature and bias.
 
-    The log-scale starts at ln(10) and the bias at -10 (SigLIP's init: with B - 1 negatives
-    per positive, a strongly negative bias keeps the initial loss from being dominated by the
-    negatives). The log-scale is clamped to [0, ln(max_logit_scale)] after every optimizer
-    step, as in ITCObjective and open_clip. Training exchanges texts with the other ranks;
-    validation scores each rank's batch on its own.
+    SigLIP initialises the log-scale at ln(10) and the bias at -10 (with B - 1 negatives
+    per positive, a strongly negative bias keeps the initial loss from being dominated by
+    the negatives): `model.logit_scale.init=10 model.logit_bias.init=-10` (the siglip
+    experiment sets them). Training exchanges texts with the other ranks; validation
+    scores each rank's batch on its own.
     """
 
-    def __init__(
-        self,
-        init_logit_scale: float = 10.0,
-        init_logit_bias: float = -10.0,
-        max_logit_scale: float = 100.0,
-    ):
+    parts = ("logit_scale", "logit_bias")
+
+    def __init__(self, modalities: tuple[str, str] = ("image", "text")):
         super().__init__()
-        # shape [1], not a 0-d scalar: FSDP cannot shard scalar parameters
-        self.logit_scale = nn.Parameter(torch.full((1,), math.log(init_logit_scale)))
-        self.logit_bias = nn.Parameter(torch.full((1,), init_logit_bias))
-        self.max_log_scale = math.log(max_logit_scale)
+        self.modalities = tuple(modalities)
 
     def forward(self, cache: EncodingCache) -> ObjectiveOutput:
-        scale = self.logit_scale.exp()
+        scale, bias = cache.model.contrastive_scale()
+        first, second = self.modalities
         loss = siglip_loss(
-            cache.image_embedding(),
-            cache.text_embedding(),
-            scale,
-            self.logit_bias,
-            distributed=self.training,
+            cache.embedding(first), cache.embedding(second), scale, bias, distributed=self.training
         )
-        logs = {"logit_scale": scale.detach(), "logit_bias": self.logit_bias.detach()}
+        logs = {"logit_scale": scale.detach(), "logit_bias": bias.detach()}
         return ObjectiveOutput(loss=loss, logs=logs)
-
-    @torch.no_grad()
-    def after_optimizer_step(self) -> None:
-        self.logit_scale.clamp_(0.0, self.max_log_scale)

@@ -1,7 +1,8 @@
-"""PretrainModule: one LightningModule that sums weighted objectives over one Backbone.
+"""PretrainModule: one LightningModule that sums weighted objectives over one model.
 
 Per-task modules (CLIP, ITM, MLM, ...) are Hydra presets of this class with one objective;
-recipes (ALBEF, CoCa, FLAVA, BLIP) list several. An objective with weight 0 is never built.
+recipes (ALBEF, CoCa, FLAVA, BLIP) list several. An objective with weight 0 is never built,
+and `build_module` gives the model the parts the built objectives need.
 """
 
 from __future__ import annotations
@@ -20,36 +21,28 @@ from hydra.utils import get_object, instantiate
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import DDPStrategy
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from polymodal.data.shardtools import values_reader
-from polymodal.evaluation.captioning import attribute_match_rate, caption_scores
-from polymodal.evaluation.evaluator import EmbeddingEvaluator
-from polymodal.evaluation.media import retrieval_examples, write_media
-from polymodal.evaluation.retrieval import reranked_recall_at_1
+from polymodal.evaluation.media import log_media_to_wandb
+from polymodal.evaluation.validation import ValidationReport, write_evaluation_media
 from polymodal.evaluation.zeroshot import zeroshot_tasks
-from polymodal.models.backbone import Backbone
+from polymodal.models.model import PolymodalModel
 from polymodal.objectives.base import EncodingCache, Objective
 from polymodal.tasks.optim import param_groups, warmup_cosine
 from polymodal.utils.distributed import (
     full_params,
     gather_objects,
-    gather_variable,
-    rank_and_world,
     ranks_agree,
     weights_digest,
 )
 from polymodal.utils.errors import ConfigError
-from polymodal.utils.loggers import log_media_to_wandb
+from polymodal.utils.instantiate import plain_dict
 
 log = logging.getLogger(__name__)
-
-
-def _plain(cfg: Mapping | None) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
 
 # The class an objective name stands for when its spec has no `_target_`, so that
@@ -79,18 +72,11 @@ CPU_ATTENTION_FLOPS = {
 }
 
 
-def build_objectives(
-    specs: Mapping, backbone: Backbone, shared: Mapping | None = None
-) -> tuple[nn.ModuleDict, dict[str, float]]:
-    """`{name: {weight: w, [_target_: ...], **kwargs}}` -> modules and weights (w != 0 only).
-
-    Objectives whose constructor takes `backbone` get it (to size heads and to build the
-    fusion encoder or decoder they need). `shared` (`task.loss`: local_loss,
-    gather_with_grad, ...) goes to every objective whose constructor takes that argument,
-    unless its own spec sets it.
-    """
-    modules, weights = nn.ModuleDict(), {}
-    for name, spec in specs.items():
+def objective_specs(specs: Mapping) -> dict[str, tuple[float, dict]]:
+    """`{name: {weight: w, [_target_: ...], **kwargs}}` -> {name: (w, spec with _target_)}
+    for the objectives with w != 0."""
+    result = {}
+    for name, spec in plain_dict(specs).items():
         spec = dict(spec)
         if "weight" not in spec:
             raise ConfigError(f"task.objectives.{name}.weight is missing")
@@ -104,10 +90,43 @@ def build_objectives(
                     "set its _target_"
                 )
             spec["_target_"] = OBJECTIVES[name]
-        target = get_object(spec["_target_"])
-        accepted = inspect.signature(target).parameters
-        if "backbone" in accepted:
-            spec["backbone"] = backbone
+        result[name] = (weight, spec)
+    return result
+
+
+def objective_class(name: str, spec: Mapping) -> type[Objective]:
+    target = get_object(spec["_target_"])
+    if not (isinstance(target, type) and issubclass(target, Objective)):
+        raise ConfigError(f"task.objectives.{name}: {spec['_target_']} is no Objective")
+    return target
+
+
+def required_parts(specs: Mapping) -> list[str]:
+    """The model parts (heads, temperature, decoder, ...) the objectives of `specs` use."""
+    parts = []
+    for name, (_, spec) in objective_specs(specs).items():
+        parts += [p for p in objective_class(name, spec).parts if p not in parts]
+    return parts
+
+
+def build_module(cfg: DictConfig) -> PretrainModule:
+    """The task module of a composed run config, over a model built with the parts its
+    objectives need; `cfg.model.parts` is updated to them, so the run config a checkpoint
+    carries rebuilds the same model (`polymodal.load`)."""
+    parts = list(cfg.model.get("parts") or [])
+    cfg.model.parts = parts + [p for p in required_parts(cfg.task.objectives) if p not in parts]
+    return instantiate(cfg.task, model=instantiate(cfg.model))
+
+
+def build_objectives(
+    specs: Mapping, shared: Mapping | None = None
+) -> tuple[nn.ModuleDict, dict[str, float]]:
+    """Objective modules and their weights (w != 0 only). `shared` (`task.loss`:
+    local_loss, gather_with_grad, ...) goes to every objective whose constructor takes
+    that argument, unless its own spec sets it."""
+    modules, weights = nn.ModuleDict(), {}
+    for name, (weight, spec) in objective_specs(specs).items():
+        accepted = inspect.signature(objective_class(name, spec)).parameters
         for key, value in (shared or {}).items():
             if key in accepted:
                 spec.setdefault(key, value)
@@ -123,7 +142,7 @@ def build_objectives(
 class PretrainModule(L.LightningModule):
     def __init__(
         self,
-        backbone: Backbone,
+        model: PolymodalModel,
         objectives: Mapping,
         optimizer: Mapping,
         scheduler: Mapping,
@@ -133,12 +152,23 @@ class PretrainModule(L.LightningModule):
         max_nonfinite_steps: int = 8,
     ) -> None:
         super().__init__()
-        objectives, optimizer, scheduler = _plain(objectives), _plain(optimizer), _plain(scheduler)
-        evaluation, loss = _plain(evaluation), _plain(loss)
+        objectives, optimizer, scheduler = (
+            plain_dict(objectives),
+            plain_dict(optimizer),
+            plain_dict(scheduler),
+        )
+        evaluation, loss = plain_dict(evaluation), plain_dict(loss)
         # plain containers (no DictConfig), so checkpoints load with torch's weights_only
-        self.save_hyperparameters(ignore=["backbone"])
-        self.backbone = backbone
-        self.objectives, self.weights = build_objectives(objectives, backbone, loss)
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model
+        self.objectives, self.weights = build_objectives(objectives, loss)
+        for name, objective in self.objectives.items():
+            missing = [p for p in objective.parts if p not in model.parts]
+            if missing:
+                raise ConfigError(
+                    f"task.objectives.{name} needs model parts {missing} (model.parts: "
+                    f"{model.parts}); build the model with polymodal.tasks.pretrain.build_module"
+                )
         self.optimizer_cfg = optimizer
         self.scheduler_cfg = scheduler
         self.seed = seed
@@ -148,39 +178,30 @@ class PretrainModule(L.LightningModule):
         self.nonfinite_steps = 0  # optimizer steps skipped for a non-finite loss or gradient
         self.nonfinite_in_a_row = 0
         self._loss_finite: Tensor | None = None
-        evaluation = dict(evaluation or {})
-        self.caption_batches = int(evaluation.pop("caption_batches", 2))
-        self.itm_rerank_k = int(evaluation.pop("itm_rerank_k", 16))
-        self.media_samples = int(evaluation.pop("media_samples", 8))
-        self.generation_cfg = dict(evaluation.pop("generation", {}) or {})
         self.evaluation_cfg = evaluation
-        self.evaluator: EmbeddingEvaluator | None = None
+        self.report: ValidationReport | None = None
         self.tokenizer = None
         # the resolved run config; the app sets it, and checkpoints carry it (polymodal.load)
         self.run_config: dict | None = None
         self.skipped_samples: Counter[str] = Counter()  # reason -> samples, this rank
-        self._captions: list[tuple[str, str, dict]] = []
-        self._val_tokens: list[tuple[Tensor, Tensor, Tensor]] = []
-        self._media_images: Tensor | None = None
 
     def setup(self, stage: str) -> None:
         """Take the tokenizer and the zero-shot spec from the datamodule (they describe data);
         class names `values` are read from the val shards' json here."""
         datamodule = self.trainer.datamodule
         self.tokenizer = datamodule.tokenizer
-        rows = self.backbone.vocab_size
+        rows = self.model.vocab_size
         if self.tokenizer.vocab_size > rows:
             raise ConfigError(
                 f"model.vocab_size={rows} < tokenizer vocabulary {self.tokenizer.vocab_size} "
                 f"({datamodule.tokenizer_path})"
             )
-        spec = _plain(getattr(datamodule, "zeroshot", None))
+        spec = plain_dict(getattr(datamodule, "zeroshot", None))
         values = values_reader(getattr(datamodule, "val_shards", None), "data.val_shards")
         zeroshot = zeroshot_tasks(spec, "data.zeroshot", values)
-        self.evaluator = EmbeddingEvaluator(zeroshot, **self.evaluation_cfg)
-        class_names = {a: task.classes for a, task in zeroshot.items()}
+        self.report = ValidationReport(zeroshot, **self.evaluation_cfg)
         for objective in self.objectives.values():
-            objective.setup(self.tokenizer, class_names)
+            objective.setup(self.tokenizer, self.report.class_names)
 
     def step_losses(self, cache: EncodingCache) -> tuple[Tensor, dict[str, Tensor]]:
         total, logs = 0.0, {}
@@ -200,7 +221,7 @@ class PretrainModule(L.LightningModule):
         torch.manual_seed(zlib.crc32(key.encode()))
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        loss, logs = self.step_losses(EncodingCache(self.backbone, batch))
+        loss, logs = self.step_losses(EncodingCache(self.model, batch))
         finite = torch.isfinite(loss.detach())  # every micro-batch of the step counts
         self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
         self.skipped_samples.update(batch.get("skipped", {}))
@@ -257,15 +278,14 @@ class PretrainModule(L.LightningModule):
             full_params(self.trainer.model),
             FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter,
         ):
-            self.step_losses(EncodingCache(self.backbone, batch))
+            self.step_losses(EncodingCache(self.model, batch))
         for buffer, saved in buffers:
             buffer.copy_(saved)
         return 3 * counter.get_total_flops() / batch["image"].shape[0]
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
-        for objective in self.objectives.values():
-            objective.after_optimizer_step()
+        self.model.after_optimizer_step()
 
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
@@ -331,13 +351,11 @@ class PretrainModule(L.LightningModule):
             self.trainer.callback_metrics[key] = torch.tensor(value)
 
     def on_validation_epoch_start(self) -> None:
-        self.evaluator.reset()
-        self._captions, self._val_tokens = [], []
-        self._media_images = None
+        self.report.reset()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         size = batch["image"].shape[0]
-        cache = EncodingCache(self.backbone, batch)
+        cache = EncodingCache(self.model, batch)
         # masks and negatives drawn in validation are seeded per batch, so val metrics
         # are comparable across evaluations and training's random stream is untouched
         with torch.random.fork_rng(devices=[]):
@@ -349,63 +367,27 @@ class PretrainModule(L.LightningModule):
             for name, objective in self.objectives.items():
                 for key, (value, count) in objective.validation_metrics(cache).items():
                     self.log(f"val/{name}/{key}", value, batch_size=count, sync_dist=True)
-        self.evaluator.update(
-            cache.image_embedding(), cache.text_embedding(), batch["meta"], batch["text"]
-        )
-        if batch_idx == 0:  # rank 0's first images lead the gathered val set
-            self._media_images = batch["image"][: self.media_samples].detach().cpu()
-        if "itm" in self.objectives and self.itm_rerank_k > 0:
-            tokens = (cache.image_tokens(), cache.text_tokens(), batch["text_mask"])
-            self._val_tokens.append(tuple(t.detach() for t in tokens))
-        if self.backbone.decoder is not None and batch_idx < self.caption_batches:
-            generated = self.generate(image_tokens=cache.image_tokens(), **self.generation_cfg)
-            self._captions += list(zip(generated, batch["text"], batch["meta"], strict=True))
+        self.report.update(cache, batch_idx, self.generate)
 
     def encode_prompts(self, prompts: list[str]) -> Tensor:
         ids, mask = self.tokenizer.encode(prompts)
-        return self.backbone.embed_text(ids.to(self.device), mask.to(self.device))
+        return self.model.embed("text", ids.to(self.device), mask.to(self.device))
 
     def on_validation_epoch_end(self) -> None:
-        # each rank validated its share of the val set: score the whole set on every rank
-        self.evaluator.gather(self.device)
-        self._captions = gather_objects(self._captions)
-        self._val_tokens = self.gathered_val_tokens()
         with full_params(self.trainer.model):  # the text tower runs outside a step here
-            metrics = self.evaluator.compute(self.encode_prompts)
-            if self._val_tokens:
-                metrics.update(self.itm_rerank_metrics())
-        if self._captions:
-            metrics.update(self.caption_metrics())
+            metrics = self.report.compute(self.model, self.encode_prompts)
+        if self.report.captions:
             self.log_caption_samples()
-        if self.media_samples > 0 and self.trainer.is_global_zero:
+        if self.report.media_samples > 0 and self.trainer.is_global_zero:
             self.log_media()
         # identical on every rank; sync_dist only tells Lightning so (no extra meaning)
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=True)
-        self.evaluator.reset()
+        self.report.reset()
 
-    def gathered_val_tokens(self) -> list[tuple[Tensor, Tensor, Tensor]]:
-        """Every rank's (image tokens, text tokens, text mask) for ITM re-ranking."""
-        if rank_and_world()[1] == 1 or not self._val_tokens:
-            return self._val_tokens
-        return [tuple(gather_variable(torch.cat(t)) for t in zip(*self._val_tokens, strict=True))]
-
-    def caption_metrics(self) -> dict[str, float]:
-        """BLEU-4 / CIDEr of generated captions against the val captions, and how often
-        a caption names the right colour and shape (single-object images)."""
-        predictions = {str(i): c[0] for i, c in enumerate(self._captions)}
-        references = {str(i): [c[1]] for i, c in enumerate(self._captions)}
-        scores = caption_scores(predictions, references)
-        metrics = {"caption/bleu4": scores["bleu4"], "caption/cider": scores["cider"]}
-        metas = [c[2] for c in self._captions]
-        if any("color" in m and "shape" in m for m in metas):
-            generated = [c[0] for c in self._captions]
-            metrics["caption/attribute_match"] = attribute_match_rate(generated, metas)
-        return metrics
-
-    def log_caption_samples(self, count: int = 16) -> None:
+    def log_caption_samples(self) -> None:
         """A few generated captions next to the references: a wandb table when wandb is
         a logger, and always `<root>/samples/captions_step<N>.jsonl`."""
-        rows = [[generated, reference] for generated, reference, _ in self._captions[:count]]
+        rows = self.report.caption_rows()
         for logger in self.loggers:
             if hasattr(logger, "log_text"):
                 logger.log_text(key="val/captions", columns=["generated", "reference"], data=rows)
@@ -420,56 +402,25 @@ class PretrainModule(L.LightningModule):
         CSV under `<root>/media/` (suffix `_step<N>`), and images + a table in wandb."""
         if self.trainer.sanity_checking:
             return
-        examples = None
-        if self.evaluator.retrieval and self._media_images is not None:
-            image_emb, text_emb = self.evaluator.embeddings()
-            examples = retrieval_examples(
-                self._media_images, image_emb, text_emb, self.evaluator.captions
-            )
-        confusion = {a: (m, self.evaluator.classes(a)) for a, m in self.evaluator.confusion.items()}
         out = Path(self.trainer.default_root_dir) / "media"
-        pictures = write_media(out, f"_step{self.global_step}", confusion, examples)
+        pictures, examples = write_evaluation_media(
+            self.report.evaluator, self.report.media_images, out, f"_step{self.global_step}"
+        )
         for logger in self.loggers:
             if isinstance(logger, WandbLogger):
                 log_media_to_wandb(logger, pictures, examples, self.global_step)
 
     @torch.no_grad()
-    def itm_rerank_metrics(self, chunk_size: int = 512) -> dict[str, float]:
-        """Retrieval R@1 with each query's ITC top-k re-ranked by the ITM head."""
-        image_tokens, text_tokens, text_mask = (
-            torch.cat(t) for t in zip(*self._val_tokens, strict=True)
-        )
-        image_emb, text_emb = (e.to(self.device) for e in self.evaluator.embeddings())
-        first, sample_to_image = (t.to(self.device) for t in self.evaluator.image_groups())
-        image_emb, image_tokens = image_emb[first], image_tokens[first]  # one per image
-        itm = self.objectives["itm"]
-
-        def score(image_index: Tensor, text_index: Tensor) -> Tensor:
-            scores = []
-            for start in range(0, len(image_index), chunk_size):
-                i = image_index[start : start + chunk_size]
-                t = text_index[start : start + chunk_size]
-                logits = itm.pair_logits(
-                    self.backbone, text_tokens[t], text_mask[t], image_tokens[i]
-                )
-                scores.append(logits.softmax(dim=-1)[:, 1])
-            return torch.cat(scores)
-
-        result = reranked_recall_at_1(
-            image_emb, text_emb, sample_to_image, score, k=self.itm_rerank_k
-        )
-        return {f"retrieval/{k}": v for k, v in result.items()}
-
-    @torch.no_grad()
     def generate(
-        self, images: Tensor | None = None, image_tokens: Tensor | None = None, **kwargs
+        self, images: Tensor | None = None, memory: Tensor | None = None, **kwargs
     ) -> list[str]:
         """Captions for a batch of preprocessed images, or of their already encoded tokens
         (strategy, num_beams, ... as in `polymodal.models.generation.generate`)."""
         tok = self.tokenizer
-        ids, _ = self.backbone.generate(
-            None if images is None else images.to(self.device),
-            image_tokens,
+        if memory is None:
+            memory = self.model.encode(self.model.decoder_memory, images.to(self.device))
+        ids, _ = self.model.generate(
+            memory,
             bos_id=tok.bos_id,
             eos_id=tok.eos_id,
             pad_id=tok.pad_id,

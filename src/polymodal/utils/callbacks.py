@@ -14,8 +14,6 @@ import torch
 import wandb
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
-from polymodal.utils.checkpoint_io import LAST
-
 log = logging.getLogger(__name__)
 
 
@@ -84,13 +82,16 @@ class StepProgressBar(RichProgressBar):
 
 
 class LastCheckpoint(ModelCheckpoint):
-    """`last.ckpt` every `every_n_train_steps` and when training ends, so the file always
-    holds the final weights: `polymodal.load` gets the trained model, and rerunning a
-    finished run (auto_resume) resumes at its end instead of redoing the steps after the
-    last periodic save. The name defaults to the one auto_resume looks for."""
+    """The checkpoint at `path` (`paths.last_checkpoint`, the file auto_resume looks for)
+    every `every_n_train_steps` and when training ends, so the file always holds the final
+    weights: `polymodal.load` gets the trained model, and rerunning a finished run
+    (auto_resume) resumes at its end instead of redoing the steps after the last periodic
+    save."""
 
-    def __init__(self, dirpath: str | None = None, filename: str = LAST, **kwargs) -> None:
-        super().__init__(dirpath=dirpath, filename=filename, **kwargs)
+    def __init__(self, path: str | Path, **kwargs) -> None:
+        path = Path(path)
+        super().__init__(dirpath=str(path.parent), filename=path.stem, **kwargs)
+        self.FILE_EXTENSION = path.suffix  # the name exactly as given
 
     def on_train_end(self, trainer, pl_module) -> None:
         super().on_train_end(trainer, pl_module)
@@ -100,10 +101,11 @@ class LastCheckpoint(ModelCheckpoint):
 
 
 class Preemption(L.Callback):
-    """Saves `<dirpath>/last.ckpt` when SLURM warns that the job will be stopped (SIGUSR2:
-    submitit's `--signal=USR2@<delay>` before the time limit, or a preemption), then hands
-    over to the handler that was there before (submitit's: rank 0 requeues the job and
-    exits). Without one, fit just ends early and a rerun resumes (`auto_resume`).
+    """Saves `path` (`paths.last_checkpoint`) when SLURM warns that the job will be
+    stopped (SIGUSR2: submitit's `--signal=USR2@<delay>` before the time limit, or a
+    preemption), then hands over to the handler that was there before (submitit's: rank 0
+    requeues the job and exits). Without one, fit just ends early and a rerun resumes
+    (`auto_resume`).
 
     The signal only sets a flag: at the end of each training batch the ranks agree on it
     (a max all-reduce, so every rank stops after the same step) and fit stops there; the
@@ -111,8 +113,8 @@ class Preemption(L.Callback):
     the loggers are closed before the requeue. Active only inside a SLURM job.
     """
 
-    def __init__(self, dirpath: str, filename: str = LAST, signal_name: str = "SIGUSR2"):
-        self.path = Path(dirpath) / f"{filename}.ckpt"
+    def __init__(self, path: str | Path, signal_name: str = "SIGUSR2"):
+        self.path = Path(path)
         self.signum = signal.Signals[signal_name]
         self.requested = False
         self.stopped = False

@@ -24,7 +24,6 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from polymodal.utils.files import atomic_file, temp_path
 
 log = logging.getLogger(__name__)
-LAST = "last"  # file stem of the checkpoint a run resumes from (last.ckpt)
 PREVIOUS_SUFFIX = "-previous"
 
 

@@ -23,17 +23,18 @@ from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import hydra
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, InstantiationException
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from polymodal.utils import resolvers
 from polymodal.utils.errors import ConfigError, SkippedSample
+from polymodal.utils.resolvers import SWEPT_KEYS
 
 # the configs ship inside the package (a wheel installs them beside the code)
 CONFIG_DIR = str(importlib.resources.files("polymodal") / "conf")
@@ -42,9 +43,6 @@ CONFIG_DIR = str(importlib.resources.files("polymodal") / "conf")
 DEBUG = "POLYMODAL_DEBUG"
 # the libraries whose log records go through the app's handlers (console and log file)
 LIBRARY_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
-# the keys a multirun's command line sweeps, for its jobs' wandb run names (inherited by
-# the jobs, also those submitit starts on SLURM)
-SWEPT_KEYS = "POLYMODAL_SWEPT_KEYS"
 T = TypeVar("T")
 
 
@@ -154,27 +152,14 @@ def route_library_logs() -> None:
     logging.captureWarnings(True)
 
 
-def help_groups(*, _root_: DictConfig) -> str:
-    """`group: options (now: choice)` for each config group the app composed (Hydra's
-    `$APP_CONFIG_GROUPS` lists every folder of the config tree, which the apps share)."""
-    loader = GlobalHydra.instance().config_loader()
-    lines = []
-    # Hydra records the choices last group first; an optional group without files is left out
-    for group, choice in reversed(_root_.hydra.runtime.choices.items()):
-        options = loader.get_group_options(group)
-        if options and group != "hydra" and not group.startswith("hydra/"):
-            lines.append(f"{group}: {', '.join(options)} (now: {choice or 'none'})")
-    return "\n".join(lines) or "none"
-
-
-OmegaConf.register_new_resolver("polymodal.help_groups", help_groups, replace=True)
-
-
 def hydra_app(config_name: str) -> Callable[[Callable[[DictConfig], T]], Callable[[], T]]:
     """`@hydra.main` on the packaged config `config_name`, reporting user errors in one line
-    (module docstring) and sending library logs to the run's log file."""
+    (module docstring) and sending library logs to the run's log file. Every app goes
+    through it (polymodal-data, argparse, through `report`), and with it registers the
+    config's `polymodal.*` resolvers (utils/resolvers.py)."""
 
     def decorate(task: Callable[[DictConfig], T]) -> Callable[[], T]:
+        resolvers.register()
         guarded_task = _exits_on_user_error(task)
 
         @functools.wraps(task)

@@ -1,13 +1,22 @@
-"""Building callbacks and loggers from their config groups."""
+"""Building from config: callbacks and loggers from their groups, plain config nodes."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+
+
+def plain_dict(cfg: Mapping | None) -> dict:
+    """A resolved plain dict of a config node (None -> {}): what objects keep, so that
+    checkpoints hold no DictConfig and load with torch's weights_only."""
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return dict(cfg or {})
 
 
 def instantiate_group(group: DictConfig | None, field: str) -> list:

@@ -1,24 +1,18 @@
-"""Loggers that survive a resumed run in the same output directory, and media for wandb."""
+"""Loggers that survive a resumed run in the same output directory; wandb run ends and files."""
 
 from __future__ import annotations
 
 import csv
 import json
-import os
-from collections.abc import Mapping
+import logging
 from pathlib import Path
 
-import numpy as np
 import wandb
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
-from omegaconf import DictConfig, OmegaConf
 
-from polymodal.evaluation.media import RetrievalExamples
-from polymodal.utils.cli import SWEPT_KEYS
+log = logging.getLogger(__name__)
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -43,75 +37,14 @@ class ResumableCSVLogger(CSVLogger):
         return self._experiment
 
 
-def log_media_to_wandb(
-    logger: WandbLogger,
-    pictures: Mapping[str, np.ndarray],
-    examples: RetrievalExamples | None,
-    step: int,
-) -> None:
-    """Confusion matrices as `val/confusion_<attr>` images and the retrieval examples as a
-    `val/retrieval` table (the image, its caption, the top-k retrieved captions)."""
-    for name, pixels in pictures.items():
-        if name.startswith("confusion_"):
-            logger.log_image(key=f"val/{name}", images=[pixels], step=step)
-    if examples is not None:
-        data = [
-            [wandb.Image(image), *row]
-            for image, row in zip(examples.images, examples.rows(), strict=True)
-        ]
-        columns = ["image", *examples.columns()]
-        logger.log_table(key="val/retrieval", columns=columns, data=data, step=step)
-
-
-def _multirun_job() -> DictConfig | None:
-    """The Hydra config of this job when it is one point of a multirun (-m), else None
-    (a single run, or a config composed without a Hydra app, as tests and notebooks do)."""
-    if not HydraConfig.initialized():
-        return None
-    hydra = HydraConfig.get()
-    return hydra if hydra.mode == RunMode.MULTIRUN else None
-
-
-def sweep_group(output_dir: str, log_dir: str) -> str | None:
-    """`${polymodal.sweep_group:...}`, the wandb group: in a multirun, the sweep dir (the
-    parent of each job's output dir; relative to `log_dir` when under it, e.g.
-    `train/multiruns/<time>`). Every job of one sweep resolves the same, also as separate
-    SLURM jobs and after a requeue. A single run has no group (None)."""
-    if _multirun_job() is None:
-        return None
-    sweep_dir, log_dir_path = Path(output_dir).parent, Path(log_dir)
-    if sweep_dir.is_relative_to(log_dir_path):
-        return str(sweep_dir.relative_to(log_dir_path))
-    return sweep_dir.name
-
-
-def run_name(default: str) -> str:
-    """`${polymodal.run_name:${task_name}}`, the wandb run name: the experiment, and in a
-    multirun the values its job sweeps (e.g. `clip_shapes:task.optimizer.lr=0.001`; the
-    fixed overrides every job shares are left out). `default` without an experiment or a
-    Hydra app."""
-    if not HydraConfig.initialized():
-        return default
-    hydra = HydraConfig.get()
-    name = hydra.runtime.choices.get("experiment") or default
-    if _multirun_job() is None:
-        return name
-    swept = swept_keys(hydra)
-    overrides = ",".join(o for o in hydra.overrides.task if override_key(o) in swept)
-    return f"{name}:{overrides}" if overrides else name
-
-
-def swept_keys(hydra: DictConfig) -> set[str]:
-    """The keys a multirun sweeps: those of the command line (`SWEPT_KEYS`, set by the app
-    that launched the sweep and inherited by its jobs, also SLURM's) and an Optuna-style
-    sweeper's `params`."""
-    keys = {key for key in os.environ.get(SWEPT_KEYS, "").split(",") if key}
-    return keys | set(OmegaConf.select(hydra, "sweeper.params") or {})
-
-
-def override_key(override: str) -> str:
-    """`+a.b=1` -> `a.b`."""
-    return override.partition("=")[0].lstrip("+~")
+def finish_wandb() -> None:
+    """End the wandb run (so the runs of a multirun never merge into one) without
+    replacing the exception that may be ending this one: when SLURM requeues a job its
+    SIGTERM can stop wandb's service first, and finishing then fails."""
+    try:
+        wandb.finish()
+    except (ConnectionError, OSError) as err:
+        log.warning("wandb.finish failed: %s", err)
 
 
 def log_eval_files(logger: WandbLogger, out_dir: Path) -> None:

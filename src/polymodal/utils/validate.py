@@ -78,8 +78,8 @@ RANGES: dict[str, Range] = {
     "task.objectives.*.mask_ratio": Range(0, 1, high_open=True),  # some patches stay visible
     "task.objectives.*.mask_prob": FRACTION,
     "task.objectives.*.label_smoothing": FRACTION,
-    "task.objectives.*.init_logit_scale": POSITIVE,
-    "task.objectives.*.max_logit_scale": POSITIVE,
+    "model.logit_scale.init": POSITIVE,
+    "model.logit_scale.max": POSITIVE,
     "task.evaluation.media_samples": AT_LEAST_0,
     "task.evaluation.itm_rerank_k": AT_LEAST_0,
     "task.evaluation.caption_batches": AT_LEAST_0,

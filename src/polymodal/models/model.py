@@ -1,0 +1,259 @@
+"""PolymodalModel: the modality encoders, projections, fusion encoder, decoder, heads and
+contrastive temperature of one run, built from `model.*` config.
+
+Modalities are registered by name (`model.stems.<name>`: a `Stem` class and its kwargs;
+`model.towers.<name>`: its encoder under `sharing=separate`) and share one interface:
+`encode(modality, x, mask, keep) -> tokens`, `pool`, `project`, `embed`. `model.sharing`
+picks how they share weights:
+
+- `separate`: one encoder per modality (a timm model or our trunk for images; CLIP);
+- `multiway`: one trunk, shared attention, a feed-forward expert per modality (VLMo);
+- `shared`: one trunk with all weights shared.
+
+`model.parts` lists the optional parts to build (the app adds what `task.objectives`
+need), so a CLIP run carries no unused weights and a checkpoint rebuilds from its model
+config alone. Objectives only turn the outputs of these parts into losses.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import get_class
+from torch import Tensor, nn
+
+from polymodal.models.decoder import CaptionDecoder
+from polymodal.models.fusion import FusionEncoder
+from polymodal.models.generation import generate
+from polymodal.models.heads import MAEDecoder, MLMHead
+from polymodal.models.trunk import Stem, Trunk
+from polymodal.utils.errors import ConfigError
+from polymodal.utils.instantiate import plain_dict
+
+SHARING = ("separate", "multiway", "shared")
+# optional parts and the parts each one needs
+PARTS = {
+    "logit_scale": (),
+    "logit_bias": ("logit_scale",),
+    "fusion": (),
+    "itm_head": ("fusion",),
+    "mlm_head": ("fusion",),
+    "mim_decoder": (),
+    "decoder": (),
+}
+SHARED_ENCODER = "trunk"  # the encoders' key of the one trunk of multiway/shared
+
+
+def with_dependencies(parts: Sequence[str]) -> list[str]:
+    """`parts` plus every part they need, in PARTS order; unknown names are a ConfigError."""
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise ConfigError(f"model.parts: unknown {unknown} (known: {list(PARTS)})")
+    wanted = set(parts)
+    for part in parts:
+        wanted.update(PARTS[part])
+    return [p for p in PARTS if p in wanted]
+
+
+def stem_class(name: str, spec: Mapping) -> tuple[type[Stem], dict]:
+    """The Stem class of `model.stems.<name>` and its kwargs."""
+    kwargs = dict(spec)
+    target = kwargs.pop("_target_", None)
+    cls = get_class(target) if isinstance(target, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, Stem)):
+        raise ConfigError(f"model.stems.{name}._target_: {target!r} is no Stem class")
+    return cls, kwargs
+
+
+def build_encoders(
+    sharing: str, stems: Mapping[str, Mapping], towers: Mapping[str, Mapping], trunk: Mapping
+) -> tuple[nn.ModuleDict, dict[str, str]]:
+    """The encoders and which one encodes each modality."""
+    if sharing not in SHARING:
+        raise ConfigError(f"model.sharing must be one of {SHARING}, got {sharing!r}")
+    if sharing == "separate":
+        encoders = {}
+        for name, spec in stems.items():
+            if name not in towers:
+                raise ConfigError(f"model.towers.{name}: required with model.sharing=separate")
+            cls, kwargs = stem_class(name, spec)
+            encoders[name] = cls.tower(name, kwargs, towers[name])
+        return nn.ModuleDict(encoders), {name: name for name in stems}
+    width = trunk.get("width", 128)
+    built = {}
+    for name, spec in stems.items():
+        cls, kwargs = stem_class(name, spec)
+        built[name] = cls(width=width, **kwargs)
+    shared = Trunk(built, multiway=sharing == "multiway", **trunk)
+    return nn.ModuleDict({SHARED_ENCODER: shared}), {name: SHARED_ENCODER for name in built}
+
+
+class PolymodalModel(nn.Module):
+    def __init__(
+        self,
+        stems: Mapping[str, Mapping],
+        towers: Mapping[str, Mapping] | None = None,
+        trunk: Mapping | None = None,
+        vocab_size: int | None = None,
+        embed_dim: int = 128,
+        sharing: str = "separate",
+        parts: Sequence[str] = (),
+        logit_scale: Mapping | None = None,
+        logit_bias: Mapping | None = None,
+        fusion: Mapping | None = None,
+        decoder: Mapping | None = None,
+        mim_decoder: Mapping | None = None,
+        grad_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if vocab_size is None:
+            raise ConfigError("model.vocab_size is unset: it must cover the tokenizer")
+        self.sharing, self.vocab_size, self.embed_dim = sharing, vocab_size, embed_dim
+        stems, towers, trunk = (plain_dict(c) for c in (stems, towers, trunk))
+        self.encoders, self.encoder_of = build_encoders(sharing, stems, towers, trunk)
+        self.projections = nn.ModuleDict(
+            {m: nn.Linear(self.width(m), embed_dim, bias=False) for m in self.encoder_of}
+        )
+        self.parts = with_dependencies(list(parts))
+        scale = plain_dict(logit_scale)
+        self.max_log_scale = math.log(scale.get("max", 100.0))
+        # shape [1], not a 0-d scalar: FSDP cannot shard scalar parameters
+        self.logit_scale = self.logit_bias = None
+        if "logit_scale" in self.parts:
+            init = math.log(scale.get("init", 1 / 0.07))
+            self.logit_scale = nn.Parameter(torch.full((1,), init))
+        if "logit_bias" in self.parts:
+            self.logit_bias = nn.Parameter(
+                torch.full((1,), plain_dict(logit_bias).get("init", -10.0))
+            )
+        self.fusion = self.decoder = self.itm_head = self.mlm_head = self.mim_decoder = None
+        fusion, decoder = plain_dict(fusion), plain_dict(decoder)
+        if "fusion" in self.parts:
+            self.fusion_memory = fusion.pop("memory", "image")
+            self.fusion = FusionEncoder(
+                width=self.width("text"), memory_dim=self.width(self.fusion_memory), **fusion
+            )
+        if "itm_head" in self.parts:
+            self.itm_head = nn.Linear(self.width("text"), 2)
+        if "mlm_head" in self.parts:
+            self.mlm_head = MLMHead(self.width("text"), vocab_size)
+        if "mim_decoder" in self.parts:
+            stem = self.stem("image")
+            if getattr(stem, "patch_size", None) is None:
+                raise ConfigError("model.parts.mim_decoder needs a ViT image encoder with patches")
+            self.mim_decoder = MAEDecoder(
+                memory_dim=self.width("image"),
+                num_patches=stem.num_patches,
+                num_prefix_tokens=stem.num_prefix_tokens,
+                patch_pixels=stem.patch_size**2 * 3,
+                **plain_dict(mim_decoder),
+            )
+        if "decoder" in self.parts:
+            self.decoder_memory = decoder.pop("memory", "image")
+            self.decoder = CaptionDecoder(
+                vocab_size=vocab_size,
+                context_length=self.stem("text").context_length,
+                memory_dim=self.width(self.decoder_memory),
+                **decoder,
+            )
+        self.set_grad_checkpointing(grad_checkpointing)
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute every Transformer block's activations in backward (timm's convention:
+        each block stack has a `grad_checkpointing` flag)."""
+        self.grad_checkpointing = enabled
+        for module in self.modules():
+            if hasattr(module, "set_grad_checkpointing") and module is not self:
+                module.set_grad_checkpointing(enabled)  # timm models
+            elif hasattr(module, "grad_checkpointing") and module is not self:
+                module.grad_checkpointing = enabled
+
+    def part(self, name: str) -> nn.Module | Tensor:
+        """An optional part, or a ConfigError saying how to build it."""
+        module = getattr(self, name) if name in PARTS else None
+        if module is None:
+            raise ConfigError(f"this model has no {name} (model.parts: {self.parts})")
+        return module
+
+    # -- unimodal ------------------------------------------------------------------------
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.encoder_of)
+
+    def encoder(self, modality: str) -> nn.Module:
+        if modality not in self.encoder_of:
+            raise ConfigError(f"this model has no {modality} encoder (has {self.modalities})")
+        return self.encoders[self.encoder_of[modality]]
+
+    def stem(self, modality: str) -> nn.Module:
+        """The modality's input layer (patch size, number of patches, text embedding)."""
+        return self.encoder(modality).stem(modality)
+
+    def width(self, modality: str) -> int:
+        return self.encoder(modality).width
+
+    def inputs(self, batch: Mapping, modality: str) -> tuple[Tensor, Tensor | None]:
+        """(input, padding mask or None) of a modality in a collated batch."""
+        stem = self.stem(modality)
+        mask_key = getattr(stem, "mask_key", None)
+        key = getattr(stem, "input_key", modality)
+        return batch[key], None if mask_key is None else batch[mask_key]
+
+    def encode(
+        self, modality: str, x: Tensor, mask: Tensor | None = None, keep: Tensor | None = None
+    ) -> Tensor:
+        """Tokens [B, L, width]; with `keep` [B, K] only those patches (plus prefix)."""
+        return self.encoder(modality).encode(modality, x, mask, keep)
+
+    def pool(self, modality: str, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
+        return self.encoder(modality).pool(modality, tokens, mask)
+
+    def project(self, modality: str, pooled: Tensor) -> Tensor:
+        """Projected, L2-normalised embedding in the shared space."""
+        return F.normalize(self.projections[modality](pooled), dim=-1)
+
+    def embed(self, modality: str, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        return self.project(modality, self.pool(modality, self.encode(modality, x, mask), mask))
+
+    # -- contrastive temperature ---------------------------------------------------------
+    def contrastive_scale(self) -> tuple[Tensor, Tensor | None]:
+        """(scale, bias or None) of the learned temperature (CLIP; SigLIP adds the bias)."""
+        return self.part("logit_scale").exp(), self.logit_bias
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Clamp the log-scale to [0, ln(logit_scale.max)], as CLIP and open_clip do."""
+        if self.logit_scale is not None:
+            self.logit_scale.clamp_(0.0, self.max_log_scale)
+
+    # -- multimodal ----------------------------------------------------------------------
+    def fuse(self, text_tokens: Tensor, text_mask: Tensor, memory: Tensor) -> Tensor:
+        """Text tokens that cross-attend to memory tokens (ALBEF fusion); [CLS] is token 0."""
+        return self.part("fusion")(text_tokens, text_mask, memory)
+
+    def match_logits(self, text_tokens: Tensor, text_mask: Tensor, memory: Tensor) -> Tensor:
+        """Image-text matching logits [N, 2] (unmatched, matched) of aligned rows."""
+        return self.part("itm_head")(self.fuse(text_tokens, text_mask, memory)[:, 0])
+
+    def masked_token_logits(self, text_tokens: Tensor, text_mask: Tensor, memory: Tensor):
+        """Vocabulary logits [N, L, V] of (masked) text tokens fused with memory tokens."""
+        return self.part("mlm_head")(self.fuse(text_tokens, text_mask, memory))
+
+    def reconstruct(self, tokens: Tensor, keep: Tensor) -> Tensor:
+        """Pixels of every patch from the tokens of the kept patches (MAE)."""
+        return self.part("mim_decoder")(tokens, keep)
+
+    def decode(
+        self, ids: Tensor, memory: Tensor, text_mask: Tensor | None = None, cache=None
+    ) -> Tensor:
+        """Next-token logits of the caption decoder conditioned on `memory` tokens."""
+        return self.part("decoder")(ids, memory, text_mask=text_mask, cache=cache)
+
+    @torch.no_grad()
+    def generate(self, memory: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
+        """Token ids and log-probabilities of captions of `memory` tokens (see
+        models.generation for the strategies)."""
+        return generate(self.part("decoder"), memory, **kwargs)
