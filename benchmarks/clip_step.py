@@ -1,4 +1,4 @@
-"""Training-step throughput of the CLIP backbone: samples/s per precision and batch size.
+"""Training-step throughput of the CLIP model: samples/s per precision and batch size.
 
     python benchmarks/clip_step.py                       # the default model, CPU
     python benchmarks/clip_step.py --model tiny --batch-sizes 64 128 256 --device cuda
@@ -16,12 +16,13 @@ import time
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import DictConfig
 
 from polymodal.objectives.itc import clip_loss
 from polymodal.utils.cli import CONFIG_DIR
 
 
-def build_model(model: str, overrides: list[str]) -> torch.nn.Module:
+def build_model(model: str, overrides: list[str]) -> tuple[torch.nn.Module, DictConfig]:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(
             "train",

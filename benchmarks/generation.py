@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 
 from polymodal.evaluation.captioning import attribute_match_rate
 from polymodal.tasks.pretrain import build_module
+from polymodal.utils.checkpoint import read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = {
@@ -44,9 +45,7 @@ def load_run(run_dir: Path, ckpt: Path):
     datamodule = instantiate(cfg.data)
     datamodule.setup()
     module = build_module(cfg)
-    state = torch.load(
-        run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
-    )
+    state = read_checkpoint(ckpt)
     module.load_state_dict(state["state_dict"])
     return module.eval(), datamodule, state["global_step"]
 
@@ -72,8 +71,9 @@ def main() -> None:
         start = time.perf_counter()
         ids, logprobs, texts, metas = [], [], [], []
         for batch in batches:
+            memory = module.model.encode(module.model.decoder_memory, batch["image"])
             out_ids, out_lp = module.model.generate(
-                module.model.encode("image", batch["image"]),
+                memory,
                 bos_id=tok.bos_id,
                 eos_id=tok.eos_id,
                 pad_id=tok.pad_id,

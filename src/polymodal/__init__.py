@@ -1,4 +1,4 @@
-"""polymodal: multimodal pretraining on one shared Transformer backbone.
+"""polymodal: multimodal pretraining over one model of several modality encoders.
 
 `polymodal.load(checkpoint)` returns a trained model (see `polymodal.api`); it is imported
 on first use so that `import polymodal.data...` stays light.

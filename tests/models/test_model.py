@@ -208,3 +208,33 @@ def test_grad_checkpointing_gives_the_same_gradients(sharing, monkeypatch):
     assert plain.keys() == checkpointed.keys()
     for name, grad in plain.items():
         torch.testing.assert_close(checkpointed[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "scale", "bias"),
+    [
+        (["task=clip"], 1 / 0.07, None),
+        (["task=siglip"], 10.0, -10.0),
+        (["task=siglip", "model.logit_scale.init=5", "model.logit_bias.init=-3"], 5.0, -3.0),
+    ],
+)
+def test_part_settings_left_null_come_from_the_objective(overrides, scale, bias, tmp_path):
+    from polymodal.tasks.pretrain import build_module
+    from tests.helpers import compose_train
+
+    cfg = compose_train(overrides, tmp_path, tmp_path)
+    module = build_module(cfg)
+    assert module.model.logit_scale.exp().item() == pytest.approx(scale)
+    assert (module.model.logit_bias is None) == (bias is None)
+    if bias is not None:
+        assert module.model.logit_bias.item() == pytest.approx(bias)
+    assert cfg.model.logit_scale.init == pytest.approx(scale)  # recorded for polymodal.load
+
+
+def test_a_timm_tower_key_that_belongs_to_the_stem_is_one_line():
+    with pytest.raises(ConfigError, match=r"model.towers.image: \['patch_size'\] belong in"):
+        PolymodalModel(
+            stems={"image": {"_target_": "polymodal.models.image.ImageStem", "patch_size": 8}},
+            towers={"image": {"timm": "vit_tiny_patch16_224", "patch_size": 16}},
+            vocab_size=10,
+        )

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from polymodal.objectives.base import IGNORE_INDEX
 from polymodal.objectives.caption import caption_loss
 from polymodal.objectives.itm import same_pair_mask, sample_hard_negatives
 from polymodal.objectives.mim import masked_patch_loss, patchify, random_keep
-from polymodal.objectives.mlm import IGNORE_INDEX, mask_tokens
+from polymodal.objectives.mlm import mask_tokens
 
 
 def test_hard_negatives_never_positive_or_same_id():

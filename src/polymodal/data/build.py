@@ -24,6 +24,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from polymodal.data.meta import IMAGE_ID
 from polymodal.data.shards import DEFAULT_MAX_PIXELS
 from polymodal.data.tokenizer import train_tokenizer
 from polymodal.data.writing import add_sample, atomic_tar, dataset_lock, write_json
@@ -109,7 +110,7 @@ def coco_rows(path: Path, image_root: Path) -> Iterator[Row]:
             captions.setdefault(annotation["image_id"], []).append(annotation["caption"])
         for position, image in enumerate(images):
             meta = {k: v for k, v in image.items() if k != "file_name"}
-            meta["image_id"] = image["id"]
+            meta[IMAGE_ID] = image["id"]
             key = f"{image['id']}"
             file = str(image_root / image["file_name"])
             yield Row(position, key, file, captions.get(image["id"], []), meta)
@@ -117,7 +118,7 @@ def coco_rows(path: Path, image_root: Path) -> Iterator[Row]:
         for position, image in enumerate(images):
             sentences = [s["raw"] for s in image.get("sentences", [])]
             image_id = image.get("imgid", image.get("cocoid", position))
-            meta = {"image_id": image_id, "split": image.get("split")}
+            meta = {IMAGE_ID: image_id, "split": image.get("split")}
             folder = image_root / image.get("filepath", "")
             yield Row(position, f"{image_id}", str(folder / image["filename"]), sentences, meta)
 
@@ -220,7 +221,7 @@ def row_samples(row: Row, encoding: Encoding) -> list[tuple] | SkippedSample:
     except SkippedSample as skipped:
         return skipped
     meta = dict(row.meta)  # every source column (written with default=str, ASCII-escaped)
-    meta.setdefault("image_id" if row.kind == "image" else "clip_id", row.key)
+    meta.setdefault(IMAGE_ID if row.kind == "image" else "clip_id", row.key)
     meta.update(properties, source_row=row.position)
     if len(captions) == 1:
         return [(row.key, extension, media, captions[0], meta)]

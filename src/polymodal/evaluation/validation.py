@@ -91,7 +91,8 @@ class ValidationReport:
         if batch_idx == 0:  # rank 0's first images lead the gathered val set
             self.media_images = batch["image"][: self.media_samples].detach().cpu()
         if model.itm_head is not None and self.itm_rerank_k > 0:
-            tokens = (cache.tokens("image"), cache.tokens("text"), cache.mask("text"))
+            memory = cache.tokens(model.fusion_memory)
+            tokens = (memory, cache.tokens("text"), cache.mask("text"))
             self._tokens.append(tuple(t.detach() for t in tokens))
         if captioner is not None and model.decoder is not None and batch_idx < self.caption_batches:
             memory = cache.tokens(model.decoder_memory)

@@ -18,6 +18,7 @@ from timm.models import checkpoint_seq
 from torch import Tensor, nn
 
 from polymodal.models.trunk import Stem
+from polymodal.utils.errors import ConfigError
 
 
 class ConvStemPatchEmbed(PatchEmbed):
@@ -50,7 +51,7 @@ def create_image_tower(name: str, conv_stem: bool = False, **kwargs) -> nn.Modul
     No pretrained weights: nothing is downloaded at run time.
     """
     if name not in timm.list_models():
-        raise ValueError(f"model.modalities.image.tower.timm: unknown timm model {name!r}")
+        raise ValueError(f"model.towers.image.timm: unknown timm model {name!r}")
     if conv_stem:
         kwargs["embed_layer"] = ConvStemPatchEmbed
     return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
@@ -101,15 +102,19 @@ class ImageStem(Stem):
         tower = dict(tower)
         if "timm" not in tower:
             return super().tower(name, stem, tower)
+        both = sorted(set(stem) & set(tower))
+        if both:
+            raise ConfigError(f"model.towers.{name}: {both} belong in model.stems.{name}")
         return TimmImageTower(tower.pop("timm"), **stem, **tower)
 
 
 class TimmImageTower(nn.Module):
     """A timm model as the image encoder of `sharing=separate`, with the trunk interface.
 
-    `encode(..., keep=)` drops masked patches before the blocks, which needs the timm
-    VisionTransformer layout (patch_embed, _pos_embed, blocks, norm); any other timm model
-    works for everything but MIM.
+    Needs a timm model whose `forward_features` returns tokens [B, L, width] (ViT, DeiT,
+    EVA, ...): fusion and the decoder attend to them. `encode(..., keep=)` drops masked
+    patches before the blocks, which needs the VisionTransformer layout (patch_embed,
+    _pos_embed, blocks, norm).
     """
 
     def __init__(self, name: str, conv_stem: bool = False, **kwargs) -> None:

@@ -123,16 +123,17 @@ class PolymodalModel(nn.Module):
         # shape [1], not a 0-d scalar: FSDP cannot shard scalar parameters
         self.logit_scale = self.logit_bias = None
         if "logit_scale" in self.parts:
-            init = math.log(scale.get("init", 1 / 0.07))
+            init = math.log(scale.get("init") or 1 / 0.07)
             self.logit_scale = nn.Parameter(torch.full((1,), init))
         if "logit_bias" in self.parts:
-            self.logit_bias = nn.Parameter(
-                torch.full((1,), plain_dict(logit_bias).get("init", -10.0))
-            )
+            bias = plain_dict(logit_bias).get("init")
+            self.logit_bias = nn.Parameter(torch.full((1,), -10.0 if bias is None else float(bias)))
         self.fusion = self.decoder = self.itm_head = self.mlm_head = self.mim_decoder = None
         fusion, decoder = plain_dict(fusion), plain_dict(decoder)
+        # which modality's tokens the fusion encoder and the decoder attend to
+        self.fusion_memory = fusion.pop("memory", "image")
+        self.decoder_memory = decoder.pop("memory", "image")
         if "fusion" in self.parts:
-            self.fusion_memory = fusion.pop("memory", "image")
             self.fusion = FusionEncoder(
                 width=self.width("text"), memory_dim=self.width(self.fusion_memory), **fusion
             )
@@ -152,7 +153,6 @@ class PolymodalModel(nn.Module):
                 **plain_dict(mim_decoder),
             )
         if "decoder" in self.parts:
-            self.decoder_memory = decoder.pop("memory", "image")
             self.decoder = CaptionDecoder(
                 vocab_size=vocab_size,
                 context_length=self.stem("text").context_length,

@@ -26,7 +26,7 @@ class TextStem(Stem):
     ) -> None:
         super().__init__()
         if pool not in ("eos", "cls"):
-            raise ValueError(f"model.modalities.text.pool must be 'eos' or 'cls', got {pool!r}")
+            raise ValueError(f"model.stems.text.pool must be 'eos' or 'cls', got {pool!r}")
         self.embed = TextEmbedding(vocab_size, context_length, width)
         self.causal, self.pool_type = causal, pool
         self.context_length = context_length

@@ -47,6 +47,9 @@ class EncodingCache:
         return self.get(f"{modality}_embedding", compute)
 
 
+IGNORE_INDEX = -100  # label of positions no loss is taken on (padding, unmasked tokens)
+
+
 def at_least_float32(x: Tensor) -> Tensor:
     """`x` in float32 (or kept in float64): losses on autocast outputs need the precision."""
     return x if x.dtype == torch.float64 else x.float()
@@ -62,10 +65,14 @@ class Objective(nn.Module):
     """A loss over the model's outputs: `forward(cache) -> ObjectiveOutput`.
 
     Objectives hold no weights: the heads and temperatures they use are parts of the model,
-    and `parts` names them (the app builds the model with them).
+    and `parts` names them (the app builds the model with them, `part_defaults` filling
+    the part settings the model config leaves null).
     """
 
     parts: ClassVar[tuple[str, ...]] = ()
+    # settings of those parts this objective starts from when the model config leaves
+    # them null, e.g. SigLIP's {"logit_scale": {"init": 10.0}}
+    part_defaults: ClassVar[dict[str, dict]] = {}
 
     def forward(self, cache: EncodingCache) -> ObjectiveOutput:
         raise NotImplementedError

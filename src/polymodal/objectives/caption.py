@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from polymodal.objectives.base import EncodingCache, Objective, ObjectiveOutput
-
-IGNORE_INDEX = -100
+from polymodal.objectives.base import IGNORE_INDEX, EncodingCache, Objective, ObjectiveOutput
 
 
 def caption_loss(logits, ids, mask, label_smoothing: float = 0.0):

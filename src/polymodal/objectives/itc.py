@@ -65,6 +65,7 @@ class ITCObjective(Objective):
     """
 
     parts = ("logit_scale",)
+    part_defaults = {"logit_scale": {"init": 1 / 0.07}}  # CLIP's temperature 0.07
 
     def __init__(
         self,

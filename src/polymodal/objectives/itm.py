@@ -52,18 +52,19 @@ class ITMObjective(Objective):
 
     def match_logits(self, cache: EncodingCache, text_index: Tensor, image_index: Tensor):
         """ITM logits [N, 2] for pairs (text_index[n], image_index[n]) of the batch."""
-        text_tokens, image_tokens = cache.tokens("text"), cache.tokens("image")
+        text_tokens, memory = cache.tokens("text"), cache.tokens(cache.model.fusion_memory)
         mask = cache.mask("text")
         return cache.model.match_logits(
-            text_tokens[text_index], mask[text_index], image_tokens[image_index]
+            text_tokens[text_index], mask[text_index], memory[image_index]
         )
 
     def forward(self, cache: EncodingCache) -> ObjectiveOutput:
         batch = cache.batch
-        size = batch["image"].shape[0]
-        arange = torch.arange(size, device=batch["image"].device)
+        ids = batch["text_ids"]
+        size = ids.shape[0]
+        arange = torch.arange(size, device=ids.device)
         with torch.no_grad():
-            sim = cache.embedding("image") @ cache.embedding("text").T
+            sim = cache.embedding(cache.model.fusion_memory) @ cache.embedding("text").T
             same = same_pair_mask(*batch_ids(batch), device=sim.device)
             neg_text, text_ok = sample_hard_negatives(sim, same)
             neg_image, image_ok = sample_hard_negatives(sim.T, same.T)
@@ -84,7 +85,7 @@ class ITMObjective(Objective):
     def validation_metrics(self, cache: EncodingCache) -> dict[str, tuple[Tensor, int]]:
         """Accuracy on balanced pairs: every positive plus one random allowed negative."""
         batch = cache.batch
-        same = same_pair_mask(*batch_ids(batch), device=batch["image"].device)
+        same = same_pair_mask(*batch_ids(batch), device=batch["text_ids"].device)
         uniform = torch.zeros(same.shape, device=same.device)
         neg_text, ok = sample_hard_negatives(uniform, same)
         arange = torch.arange(same.shape[0], device=same.device)

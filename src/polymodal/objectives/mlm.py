@@ -12,9 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from polymodal.objectives.base import EncodingCache, Objective, ObjectiveOutput
-
-IGNORE_INDEX = -100
+from polymodal.objectives.base import IGNORE_INDEX, EncodingCache, Objective, ObjectiveOutput
 
 
 def mask_tokens(
@@ -87,7 +85,8 @@ class MLMObjective(Objective):
             ids, mask, self.mask_id, self.special_ids, model.vocab_size, self.mask_prob
         )
         text_tokens = model.encode("text", inputs, mask)
-        logits = model.masked_token_logits(text_tokens, mask, cache.tokens("image"))
+        memory = cache.tokens(model.fusion_memory)
+        logits = model.masked_token_logits(text_tokens, mask, memory)
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
         chosen = labels != IGNORE_INDEX
         acc = (logits.argmax(-1)[chosen] == labels[chosen]).float().mean()
@@ -111,7 +110,7 @@ class MLMObjective(Objective):
         mask = cache.mask("text")
         inputs = ids.masked_fill(words, self.mask_id)
         text_tokens = cache.model.encode("text", inputs, mask)
-        image_tokens = cache.tokens("image")
+        image_tokens = cache.tokens(cache.model.fusion_memory)
         shuffled = image_tokens.roll(1, dims=0)
         metrics = {}
         for suffix, tokens in (("", image_tokens), ("_shuffled_image", shuffled)):

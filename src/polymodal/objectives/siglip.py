@@ -53,14 +53,15 @@ def siglip_loss(
 class SigLIPObjective(Objective):
     """SigLIP loss between two modalities at the model's learned temperature and bias.
 
-    SigLIP initialises the log-scale at ln(10) and the bias at -10 (with B - 1 negatives
-    per positive, a strongly negative bias keeps the initial loss from being dominated by
-    the negatives): `model.logit_scale.init=10 model.logit_bias.init=-10` (the siglip
-    experiment sets them). Training exchanges texts with the other ranks; validation
-    scores each rank's batch on its own.
+    SigLIP initialises the scale at 10 and the bias at -10 (with B - 1 negatives per
+    positive, a strongly negative bias keeps the initial loss from being dominated by the
+    negatives): its `part_defaults`, used where `model.logit_scale.init` /
+    `model.logit_bias.init` are null. Training exchanges texts with the other ranks;
+    validation scores each rank's batch on its own.
     """
 
     parts = ("logit_scale", "logit_bias")
+    part_defaults = {"logit_scale": {"init": 10.0}, "logit_bias": {"init": -10.0}}
 
     def __init__(self, modalities: tuple[str, str] = ("image", "text")):
         super().__init__()

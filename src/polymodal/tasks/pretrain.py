@@ -111,10 +111,16 @@ def required_parts(specs: Mapping) -> list[str]:
 
 def build_module(cfg: DictConfig) -> PretrainModule:
     """The task module of a composed run config, over a model built with the parts its
-    objectives need; `cfg.model.parts` is updated to them, so the run config a checkpoint
-    carries rebuilds the same model (`polymodal.load`)."""
+    objectives need. `cfg.model.parts` is updated to them, and part settings the model
+    config leaves null to the objectives' `part_defaults` (the first objective that has
+    one wins), so the run config a checkpoint carries rebuilds the same model."""
     parts = list(cfg.model.get("parts") or [])
     cfg.model.parts = parts + [p for p in required_parts(cfg.task.objectives) if p not in parts]
+    for name, (_, spec) in objective_specs(cfg.task.objectives).items():
+        for part, settings in objective_class(name, spec).part_defaults.items():
+            for key, value in settings.items():
+                if cfg.model.get(part) is not None and cfg.model[part].get(key) is None:
+                    cfg.model[part][key] = value
     return instantiate(cfg.task, model=instantiate(cfg.model))
 
 
