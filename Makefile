@@ -8,7 +8,13 @@ PYTEST_ARGS ?=
 
 .PHONY: setup train test test-all lint format bench clean
 
+# Debian's espeak-ng synthesises the spoken dataset (polymodal-data spoken): installed when
+# missing and we are root; otherwise, or when apt fails, one line says so (setup goes on).
+APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 setup: $(STAMP)
+	@command -v espeak-ng >/dev/null || { [ "$$(id -u)" -eq 0 ] && command -v apt-get >/dev/null \
+		&& { $(APT_INSTALL) espeak-ng || { apt-get update -qq && $(APT_INSTALL) espeak-ng; }; }; } \
+		|| echo "setup: polymodal-data spoken needs espeak-ng: apt-get install espeak-ng"
 
 # Reinstall whenever the dependency list changes.
 $(STAMP): pyproject.toml

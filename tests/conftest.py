@@ -30,3 +30,23 @@ def shapes_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("shapes")
     write_shapes(root, num_train=512, num_val=128, num_test=64, shard_size=128, seed=0)
     return root
+
+
+@pytest.fixture(scope="session")
+def sounds_dir(tmp_path_factory) -> Path:
+    """A small sounds dataset (audio events and captions) for the audio recipes."""
+    from polymodal.data.sounds import write_sounds
+
+    root = tmp_path_factory.mktemp("sounds")
+    write_sounds(root, num_train=256, num_val=64, num_test=32, shard_size=128, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def spoken_dir(tmp_path_factory) -> Path:
+    """A small synthesised-speech dataset (espeak-ng utterances and transcripts)."""
+    from polymodal.data.spoken import write_spoken
+
+    root = tmp_path_factory.mktemp("spoken")
+    write_spoken(root, num_train=64, num_val=32, num_test=16, shard_size=32, seed=0)
+    return root

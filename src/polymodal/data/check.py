@@ -5,34 +5,66 @@ from __future__ import annotations
 import io
 import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from itertools import islice
 from pathlib import Path
 
+import soundfile
+import torch
 from PIL import Image, ImageDraw
 
-from polymodal.data.shards import IMAGE_KEYS, TEXT_KEYS, SampleDecoder, read_samples
+from polymodal.data.audio import AUDIO_KEYS, AudioClips
+from polymodal.data.shards import (
+    IMAGE_KEYS,
+    META_KEY,
+    TEXT_KEYS,
+    KeySplitter,
+    SampleDecoder,
+    read_samples,
+)
 from polymodal.utils.errors import SkippedSample
 
 # what training decodes, with training's keys and default limits, minus the transform
 DECODER = SampleDecoder()
 
 
-def sample_problems(members: dict[str, bytes]) -> list[str]:
+def shard_modalities(shards: Sequence[str]) -> tuple[str, str]:
+    """("audio", "text") when the first sample holding an image or an audio member holds
+    audio and no image, else ("image", "text"): what the shards hold, so `verify` and
+    `inspect` need no flag. Only image and audio members are loaded while looking."""
+    split_key = KeySplitter((*IMAGE_KEYS, *AUDIO_KEYS, *TEXT_KEYS, META_KEY))
+    for shard in shards:
+        for _, members, _ in read_samples(shard, split_key, read=(*IMAGE_KEYS, *AUDIO_KEYS)):
+            if members:
+                audio_only = not any(k in members for k in IMAGE_KEYS)
+                return ("audio", "text") if audio_only else ("image", "text")
+    return ("image", "text")
+
+
+def decoder_for(modalities: Sequence[str]) -> SampleDecoder:
+    """Training's decoder of `modalities` with its default limits; audio is read as
+    evaluation reads it (the clip's start, no random crop)."""
+    audio = AudioClips(train=False) if "audio" in modalities else None
+    return SampleDecoder(modalities=modalities, audio=audio)
+
+
+def sample_problems(members: dict[str, bytes], decoder: SampleDecoder = DECODER) -> list[str]:
     """What is wrong with one sample, as training's decoder finds it (empty list when it is
     fine): training would skip exactly the samples with a problem."""
     try:
-        DECODER.decode(members)
+        decoder.decode(members)
     except SkippedSample as exc:
         return [exc.detail]
     return []
 
 
-def verify(shards: Sequence[str]) -> tuple[int, list[str]]:
+def verify(shards: Sequence[str], decoder: SampleDecoder = DECODER) -> tuple[int, list[str]]:
     """(good samples, ["shard:key: problem", ...]) over every sample of every shard."""
     good, reports = 0, []
+    split_key = KeySplitter(decoder.extensions)  # keys with dots split as training splits them
     for shard in shards:
-        for key, members, error in read_samples(shard):
-            problems = [error] if error else sample_problems(members)
+        for key, members, error in read_samples(shard, split_key):
+            problems = [error] if error else sample_problems(members, decoder)
             if problems:
                 reports.append(f"{shard}:{key}: {'; '.join(problems)}")
             else:
@@ -40,16 +72,17 @@ def verify(shards: Sequence[str]) -> tuple[int, list[str]]:
     return good, reports
 
 
-def inspect(shards: Sequence[str], show: int = 5) -> dict:
-    """Counts, member extensions, a few samples (caption, image size), and the bad samples
-    (as `verify` finds them) counted by problem with the first `show` of them named;
-    unlike `verify` a bad sample is only counted."""
+def inspect(shards: Sequence[str], show: int = 5, decoder: SampleDecoder = DECODER) -> dict:
+    """Counts, member extensions, a few samples (caption, image size or clip length), and
+    the bad samples (as `verify` finds them) counted by problem with the first `show` of
+    them named; unlike `verify` a bad sample is only counted."""
     per_shard, extensions, examples = {}, Counter(), []
     problems, bad_samples = Counter(), []
+    split_key = KeySplitter(decoder.extensions)
     for shard in shards:
         count = 0
-        for key, members, error in read_samples(shard):
-            found = [error] if error else sample_problems(members)
+        for key, members, error in read_samples(shard, split_key):
+            found = [error] if error else sample_problems(members, decoder)
             if found:
                 problems.update(found)
                 bad_samples.append(f"{shard}:{key}")
@@ -57,7 +90,7 @@ def inspect(shards: Sequence[str], show: int = 5) -> dict:
             count += 1
             extensions.update(members.keys())
             if len(examples) < show:
-                examples.append(describe(key, members))
+                examples.append(describe(key, members, decoder))
         per_shard[shard] = count
     return {
         "shards": len(shards),
@@ -71,33 +104,66 @@ def inspect(shards: Sequence[str], show: int = 5) -> dict:
     }
 
 
-def describe(key: str, members: dict[str, bytes]) -> dict:
-    text = next((members[e] for e in TEXT_KEYS if e in members), b"")
+def describe(key: str, members: dict[str, bytes], decoder: SampleDecoder = DECODER) -> dict:
+    """A good sample in a line: caption, image size or clip length and rate (from the
+    headers), json. Only the members `decoder` reads: others may not decode."""
+    text = next((members[e] for e in decoder.text_keys if e in members), b"")
     entry = {"key": key, "caption": text.decode("utf-8", errors="replace").strip()}
-    image = next((members[e] for e in IMAGE_KEYS if e in members), None)
-    if image is not None:
+    if "image" in decoder.modalities:
+        image = next(members[e] for e in decoder.image_keys if e in members)
         with Image.open(io.BytesIO(image)) as img:
             entry["image_size"] = list(img.size)
-    if "json" in members:
-        entry["json"] = json.loads(members["json"])
+    if "audio" in decoder.modalities:
+        audio = next(members[e] for e in decoder.audio.keys if e in members)
+        info = soundfile.info(io.BytesIO(audio))
+        entry["audio_seconds"] = round(info.frames / info.samplerate, 3)
+        entry["sample_rate"] = info.samplerate
+    if decoder.meta_key in members:
+        entry["json"] = json.loads(members[decoder.meta_key])
     return entry
 
 
-def contact_sheet(shards: Sequence[str], path: Path, count: int = 16, thumb: int = 128) -> int:
-    """A PNG grid of the first `count` images with their captions; returns how many."""
-    tiles = []
+def spectrogram_tile(wave: torch.Tensor, clips: AudioClips, thumb: int) -> Image.Image:
+    """A clip's log-mel spectrogram (what the audio tower sees, before SpecAugment) as a
+    `thumb` square, low frequencies at the bottom, the clip's peak black and its floor (8
+    decades down, 2 in LogMel's units) white: dark on white, as the captions are."""
+    spec = clips.log_mel(wave[None])[0, 0].flip(0)  # [n_mels, frames]
+    gray = ((spec.amax() - spec) / 2.0 * 255.0).round().to(torch.uint8).numpy()
+    return Image.fromarray(gray, "L").resize((thumb, thumb)).convert("RGB")
+
+
+def _tiles(
+    shards: Sequence[str], decoder: SampleDecoder, thumb: int
+) -> Iterator[tuple[Image.Image, str]]:
+    """(tile, caption) of each good sample: its image as a thumbnail, else its clip's
+    spectrogram."""
+    split_key = KeySplitter(decoder.extensions)
     for shard in shards:
-        for _, members, error in read_samples(shard):
-            if error or len(tiles) == count:
+        for _, members, error in read_samples(shard, split_key):
+            if error:
                 continue
-            image = next((members[e] for e in IMAGE_KEYS if e in members), None)
-            text = next((members[e] for e in TEXT_KEYS if e in members), b"")
-            if image is not None and not sample_problems(members):
-                tile = Image.open(io.BytesIO(image)).convert("RGB")
+            try:
+                sample = decoder.decode(members)
+            except SkippedSample:
+                continue
+            if "image" in sample:
+                tile = sample["image"]
                 tile.thumbnail((thumb, thumb))
-                tiles.append((tile, text.decode("utf-8", errors="replace").strip()))
-        if len(tiles) == count:
-            break
+            else:
+                tile = spectrogram_tile(sample["audio"], decoder.audio, thumb)
+            yield tile, sample["text"]
+
+
+def contact_sheet(
+    shards: Sequence[str],
+    path: Path,
+    count: int = 16,
+    thumb: int = 128,
+    decoder: SampleDecoder = DECODER,
+) -> int:
+    """A PNG grid of the first `count` good samples' images (audio: spectrograms) with
+    their captions; returns how many."""
+    tiles = list(islice(_tiles(shards, decoder, thumb), count))
     columns = 4
     rows = max(1, -(-len(tiles) // columns))
     caption_height = 36

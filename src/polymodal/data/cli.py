@@ -13,6 +13,8 @@ from polymodal.data.digits import ensure_digits, write_digits
 from polymodal.data.meta import sorted_labels
 from polymodal.data.shapes import ensure_shapes, write_shapes
 from polymodal.data.shards import TEXT_KEYS, expand_shards
+from polymodal.data.sounds import ensure_sounds, write_sounds
+from polymodal.data.spoken import ensure_spoken, write_spoken
 from polymodal.data.tokenizer import train_tokenizer
 from polymodal.utils import cli
 from polymodal.utils.errors import ConfigError
@@ -20,13 +22,19 @@ from polymodal.utils.files import atomic_write_text
 
 
 def _add_builtin_arguments(
-    parser: argparse.ArgumentParser, val: int, test: int, image_size: int, shard_size: int
+    parser: argparse.ArgumentParser,
+    val: int,
+    test: int,
+    shard_size: int,
+    image_size: int | None = None,
 ) -> None:
-    """The options every built-in dataset takes (their defaults differ)."""
+    """The options every built-in dataset takes (their defaults differ); --image-size only
+    for image datasets, which pass it on in their `extra`."""
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--val", type=int, default=val, help="validation samples")
     parser.add_argument("--test", type=int, default=test, help="test samples")
-    parser.add_argument("--image-size", type=int, default=image_size, help="image side in pixels")
+    if image_size is not None:
+        parser.add_argument("--image-size", type=int, default=image_size, help="image side (px)")
     parser.add_argument("--shard-size", type=int, default=shard_size, help="samples per shard")
     parser.add_argument("--seed", type=int, default=0, help="generation seed")
     parser.add_argument("--vocab-size", type=int, default=1000, help="BPE tokenizer vocab size")
@@ -39,7 +47,7 @@ def _add_shapes_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "shapes", help="render the procedural shapes image-caption dataset as webdataset shards"
     )
-    _add_builtin_arguments(parser, val=1_000, test=1_000, image_size=64, shard_size=5_000)
+    _add_builtin_arguments(parser, val=1_000, test=1_000, shard_size=5_000, image_size=64)
     parser.add_argument("--train", type=int, default=50_000, help="training samples")
     parser.add_argument("--format", choices=("png", "jpg"), default="png", help="image encoding")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: <= 2)")
@@ -49,6 +57,7 @@ def _add_shapes_parser(subparsers: argparse._SubParsersAction) -> None:
         ensure=ensure_shapes,
         extra=lambda args: {
             "num_train": args.train,
+            "image_size": args.image_size,
             "image_format": args.format,
             "workers": args.workers,
         },
@@ -61,9 +70,34 @@ def _add_digits_parser(subparsers: argparse._SubParsersAction) -> None:
         help="write scikit-learn's bundled handwritten digits as webdataset shards "
         "(train: the samples not in val or test)",
     )
-    _add_builtin_arguments(parser, val=250, test=250, image_size=32, shard_size=500)
+    _add_builtin_arguments(parser, val=250, test=250, shard_size=500, image_size=32)
     parser.set_defaults(
-        func=_run_builtin, write=write_digits, ensure=ensure_digits, extra=lambda args: {}
+        func=_run_builtin,
+        write=write_digits,
+        ensure=ensure_digits,
+        extra=lambda args: {"image_size": args.image_size},
+    )
+
+
+def _add_sounds_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "sounds", help="synthesise the procedural sounds audio-caption dataset as webdataset shards"
+    )
+    _add_builtin_arguments(parser, val=1_000, test=1_000, shard_size=2_000)
+    parser.add_argument("--train", type=int, default=20_000, help="training samples")
+    parser.add_argument("--sample-rate", type=int, default=16_000, help="samples per second")
+    parser.add_argument("--seconds", type=float, default=2.0, help="clip length in seconds")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: <= 2)")
+    parser.set_defaults(
+        func=_run_builtin,
+        write=write_sounds,
+        ensure=ensure_sounds,
+        extra=lambda args: {
+            "num_train": args.train,
+            "sample_rate": args.sample_rate,
+            "seconds": args.seconds,
+            "workers": args.workers,
+        },
     )
 
 
@@ -74,7 +108,6 @@ def _run_builtin(args: argparse.Namespace) -> int:
         args.out,
         num_val=args.val,
         num_test=args.test,
-        image_size=args.image_size,
         shard_size=args.shard_size,
         seed=args.seed,
         vocab_size=args.vocab_size,
@@ -91,6 +124,28 @@ def _print_summary(manifest: dict, out: str, seconds: float) -> None:
     print(
         f"{manifest['name']}: {counts} in {seconds:.1f}s -> {out} "
         f"(manifest.json, {manifest['tokenizer']}, {splits['train']['pattern']})"
+    )
+
+
+def _add_spoken_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "spoken",
+        help="synthesise the spoken digits-and-phrases speech-transcript dataset with espeak-ng "
+        "as webdataset shards (val/test transcripts never occur in train)",
+    )
+    _add_builtin_arguments(parser, val=500, test=500, shard_size=1_000)
+    parser.add_argument("--train", type=int, default=8_000, help="training samples")
+    parser.add_argument("--sample-rate", type=int, default=16_000, help="clip sample rate (Hz)")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: <= 2)")
+    parser.set_defaults(
+        func=_run_builtin,
+        write=write_spoken,
+        ensure=ensure_spoken,
+        extra=lambda args: {
+            "num_train": args.train,
+            "sample_rate": args.sample_rate,
+            "workers": args.workers,
+        },
     )
 
 
@@ -176,21 +231,39 @@ def _add_check_parsers(subparsers: argparse._SubParsersAction) -> None:
     inspect.add_argument("--show", type=int, default=5, help="samples to print")
     inspect.add_argument("--sheet", type=Path, default=None, help="write a contact-sheet PNG")
     inspect.set_defaults(func=_run_inspect)
+    for parser in (verify, inspect):
+        parser.add_argument(
+            "--modalities",
+            choices=("image,text", "audio,text"),
+            default=None,
+            metavar="{image,text | audio,text}",
+            help="what a sample must hold (default: audio,text when the first sample with "
+            "media has audio and no image, else image,text)",
+        )
 
 
 def _run_verify(args: argparse.Namespace) -> int:
     shards = expand_shards(args.shards, "shards")
-    good, reports = check.verify(shards)
+    modalities = args.modalities.split(",") if args.modalities else check.shard_modalities(shards)
+    good, reports = check.verify(shards, check.decoder_for(modalities))
     for report in reports:
         print(report)
-    print(f"verify: {good} good samples, {len(reports)} bad, in {len(shards)} shards")
+    print(
+        f"verify: {good} good samples, {len(reports)} bad, in {len(shards)} shards "
+        f"(read as {','.join(modalities)})"
+    )
     return 1 if reports else 0
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
     shards = expand_shards(args.shards, "shards")
-    summary = check.inspect(shards, args.show)
-    print(f"{summary['samples']} samples in {summary['shards']} shards")
+    modalities = args.modalities.split(",") if args.modalities else check.shard_modalities(shards)
+    decoder = check.decoder_for(modalities)
+    summary = check.inspect(shards, args.show, decoder)
+    print(
+        f"{summary['samples']} samples in {summary['shards']} shards "
+        f"(read as {','.join(modalities)})"
+    )
     for shard, count in summary["per_shard"].items():
         print(f"  {shard}: {count}")
     print("members: " + ", ".join(f".{e} x{n}" for e, n in sorted(summary["extensions"].items())))
@@ -201,8 +274,9 @@ def _run_inspect(args: argparse.Namespace) -> int:
     for example in summary["examples"]:
         print(json.dumps(example, ensure_ascii=False))
     if args.sheet:
-        count = check.contact_sheet(shards, args.sheet)
-        print(f"contact sheet of {count} images: {args.sheet}")
+        count = check.contact_sheet(shards, args.sheet, decoder=decoder)
+        tiles = "spectrograms" if "audio" in modalities else "images"
+        print(f"contact sheet of {count} {tiles}: {args.sheet}")
     return 0
 
 
@@ -272,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_shapes_parser(subparsers)
     _add_digits_parser(subparsers)
+    _add_sounds_parser(subparsers)
+    _add_spoken_parser(subparsers)
     _add_build_parser(subparsers)
     _add_check_parsers(subparsers)
     _add_shard_tool_parsers(subparsers)

@@ -18,6 +18,7 @@ import lightning as L
 import torch
 import webdataset as wds
 
+from polymodal.data.audio import AudioClips
 from polymodal.data.shards import (
     DEFAULT_MAX_CAPTION_BYTES,
     DEFAULT_MAX_PIXELS,
@@ -56,26 +57,31 @@ def ignore_job_signals(worker_id: int) -> None:
 
 
 class TokenizingCollate:
-    """Stacks images and tokenises captions (in the worker, not the training loop)."""
+    """Stacks images, turns clips into spectrograms and tokenises captions (in the worker,
+    not the training loop). A batch holds the modalities its samples hold."""
 
-    def __init__(self, tokenizer: TextTokenizer) -> None:
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer: TextTokenizer, audio: AudioClips | None = None) -> None:
+        self.tokenizer, self.audio = tokenizer, audio
 
     def __call__(self, samples: list[dict]) -> dict:
-        texts = [s["text"] for s in samples]
-        ids, mask = self.tokenizer.encode(texts)
-        return {
-            "image": torch.stack([s["image"] for s in samples]),
-            "text_ids": ids,
-            "text_mask": mask,
-            "text": texts,
-            "key": [s["key"] for s in samples],
-            "meta": [s["meta"] for s in samples],
-        }
+        batch = {"key": [s["key"] for s in samples], "meta": [s["meta"] for s in samples]}
+        if "image" in samples[0]:
+            batch["image"] = torch.stack([s["image"] for s in samples])
+        if "audio" in samples[0]:
+            waves = torch.stack([s["audio"] for s in samples])
+            batch["audio"] = self.audio.features(waves)
+            if not self.audio.train:  # evaluation keeps the clips, for media (players)
+                batch["waveform"] = waves
+        if "text" in samples[0]:
+            texts = [s["text"] for s in samples]
+            batch["text_ids"], batch["text_mask"] = self.tokenizer.encode(texts)
+            batch["text"] = texts
+        return batch
 
 
 class WebDataModule(L.LightningDataModule):
-    """Image-text shards -> batches {image, text_ids, text_mask, text, key, meta, skipped}.
+    """Shards -> batches {image, audio, text_ids, text_mask, text, key, meta, skipped}
+    holding `modalities` (each sample must have all of them).
 
     `zeroshot` describes how the val split is scored zero-shot (see EmbeddingEvaluator);
     it lives with the data because the labels and class names belong to the dataset.
@@ -106,6 +112,8 @@ class WebDataModule(L.LightningDataModule):
         prepare: Callable[[], object] | None = None,
         zeroshot: Mapping | None = None,
         worker_start_method: str | None = None,
+        modalities: Sequence[str] = ("image", "text"),
+        audio: Mapping | None = None,
     ) -> None:
         super().__init__()
         self.train_shards, self.val_shards = train_shards, val_shards
@@ -122,6 +130,7 @@ class WebDataModule(L.LightningDataModule):
         self.prepare = prepare
         self.zeroshot = zeroshot
         self.worker_start_method = worker_start_method
+        self.modalities, self.audio = tuple(modalities), dict(audio or {})
         self.counts: dict[tuple[str, ...], list[int]] = {}  # shard list -> sizes, read once
         self.tokenizer: TextTokenizer | None = None
         # the training stream's position: the last trained batch of each loader worker
@@ -169,7 +178,16 @@ class WebDataModule(L.LightningDataModule):
             self.text_keys,
             max_pixels=self.max_pixels,
             max_caption_bytes=self.max_caption_bytes,
+            modalities=self.modalities,
+            audio=self.audio_clips(train) if "audio" in self.modalities else None,
         )
+
+    def audio_clips(self, train: bool) -> AudioClips:
+        """The audio pipeline of `data.audio` (see polymodal.data.audio)."""
+        try:
+            return AudioClips(train, **self.audio)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"data.audio: {err}") from err
 
     @property
     def rank_and_world(self) -> tuple[int, int]:
@@ -189,11 +207,12 @@ class WebDataModule(L.LightningDataModule):
             first, last = split_range(sum(sizes), world, rank)
             batches = -(-(last - first) // batch_size)
         workers = min(self.num_workers, max(batches, 1))
+        decoder = self.decoder(train)
         dataset = ShardedSamples(
             urls,
             sizes,
-            self.decoder(train),
-            TokenizingCollate(self.tokenizer),
+            decoder,
+            TokenizingCollate(self.tokenizer, decoder.audio),
             batch_size=batch_size,
             batches_per_rank=batches if train else None,
             rank=rank,

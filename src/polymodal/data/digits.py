@@ -20,7 +20,7 @@ from sklearn.model_selection import train_test_split
 
 from polymodal.data.shapes import ensure_dataset
 from polymodal.data.tokenizer import train_tokenizer
-from polymodal.data.writing import add_sample, atomic_tar, locks_dataset, write_json
+from polymodal.data.writing import add_sample, atomic_tar, locks_dataset, plan_shards, write_json
 from polymodal.utils.errors import ConfigError
 from polymodal.utils.files import remove_stale_temps
 
@@ -118,27 +118,15 @@ def write_digits(
     (out_dir / "manifest.json").unlink(missing_ok=True)
     remove_stale_temps(out_dir)
 
-    splits, train_captions = {}, []
-    for split, rows in split_rows(labels, num_val, num_test, seed).items():
-        split_dir = out_dir / split
-        split_dir.mkdir(exist_ok=True)
-        for stale in split_dir.glob(f"{SHARD_PREFIX}*.tar*"):  # killed writers' temps too
-            stale.unlink()
-        remove_stale_temps(split_dir)
-        sizes = {}
-        for shard, start in enumerate(range(0, len(rows), shard_size)):
-            name = f"{SHARD_PREFIX}{shard:06d}.tar"
-            chunk = rows[start : start + shard_size]
-            captions = _write_shard(split_dir / name, split, chunk, scans, labels, seed, image_size)
-            sizes[name] = len(chunk)
-            if split == "train":
-                train_captions += captions
-        write_json(split_dir / "sizes.json", sizes)
-        splits[split] = {
-            "pattern": f"{split}/{SHARD_PREFIX}{{000000..{len(sizes) - 1:06d}}}.tar",
-            "num_samples": len(rows),
-            "num_shards": len(sizes),
-        }
+    rows_of = split_rows(labels, num_val, num_test, seed)
+    counts = {split: len(rows) for split, rows in rows_of.items()}
+    jobs, splits = plan_shards(out_dir, counts, shard_size, SHARD_PREFIX)
+    train_captions = []
+    for job in jobs:  # in this process: the 1797 scans are small
+        rows = rows_of[job.split][job.start : job.start + job.count]
+        captions = _write_shard(job.path, job.split, rows, scans, labels, seed, image_size)
+        if job.split == "train":
+            train_captions += captions
     train_tokenizer(train_captions, out_dir / "tokenizer.json", vocab_size=vocab_size)
 
     manifest = {

@@ -9,22 +9,27 @@ prompts from the exported attribute vocabularies.
 from __future__ import annotations
 
 import colorsys
+import functools
 import inspect
 import io
 import json
-import multiprocessing
-import os
 import re
-import sys
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from polymodal.data.tokenizer import train_tokenizer
-from polymodal.data.writing import add_sample, atomic_tar, dataset_lock, locks_dataset, write_json
+from polymodal.data.writing import (
+    add_sample,
+    atomic_tar,
+    dataset_lock,
+    locks_dataset,
+    plan_shards,
+    run_shard_jobs,
+    write_json,
+)
 from polymodal.utils.files import remove_stale_temps
 
 GENERATOR_VERSION = 1
@@ -368,40 +373,12 @@ def write_shapes(
     remove_stale_temps(out_dir)
 
     counts = {"train": num_train, "val": num_val, "test": num_test}
-    tasks, splits = [], {}
-    for split, total in counts.items():
-        split_dir = out_dir / split
-        split_dir.mkdir(exist_ok=True)
-        for stale in split_dir.glob(f"{SHARD_PREFIX}*.tar*"):  # killed writers' temps too
-            stale.unlink()
-        remove_stale_temps(split_dir)
-        num_shards = -(-total // shard_size)
-        sizes = {}
-        for shard in range(num_shards):
-            start = shard * shard_size
-            count = min(shard_size, total - start)
-            name = f"{SHARD_PREFIX}{shard:06d}.tar"
-            sizes[name] = count
-            tasks.append((split_dir / name, split, start, count, seed, image_size, image_format))
-        write_json(split_dir / "sizes.json", sizes)
-        last = max(num_shards - 1, 0)
-        splits[split] = {
-            "pattern": f"{split}/{SHARD_PREFIX}{{000000..{last:06d}}}.tar" if total else None,
-            "num_samples": total,
-            "num_shards": num_shards,
-        }
-
-    workers = min(2, os.cpu_count() or 1) if workers is None else workers
-    workers = max(1, min(workers, len(tasks)))
-    if workers == 1:
-        results = [_write_shard(*task) for task in tasks]
-    else:
-        # Fork on Linux: spawn would re-import the caller's __main__ (a Hydra app, a notebook).
-        context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-        with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            results = list(pool.map(_write_shard, *zip(*tasks, strict=True)))
-
-    num_train_shards = splits["train"]["num_shards"]  # train tasks come first
+    jobs, splits = plan_shards(out_dir, counts, shard_size, SHARD_PREFIX)
+    write_shard = functools.partial(
+        _write_shard, seed=seed, image_size=image_size, image_format=image_format
+    )
+    results = run_shard_jobs(write_shard, jobs, workers)
+    num_train_shards = splits["train"]["num_shards"]  # train jobs come first
     train_captions = [c for captions in results[:num_train_shards] for c in captions]
     train_tokenizer(train_captions, out_dir / "tokenizer.json", vocab_size=vocab_size)
 

@@ -31,6 +31,7 @@ import webdataset as wds
 from PIL import Image
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander, url_opener
 
+from polymodal.data.audio import AudioClips
 from polymodal.utils.errors import ConfigError, SkippedSample
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 TEXT_KEYS = ("txt", "caption")
 META_KEY = "json"
+MODALITIES = ("image", "audio", "text")
 DEFAULT_EXTENSIONS = (*IMAGE_KEYS, *TEXT_KEYS, META_KEY)
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's decompression-bomb threshold
 DEFAULT_MAX_CAPTION_BYTES = 65_536  # ~10k words: far past any text tower's context
@@ -182,13 +184,15 @@ def shard_sizes(urls: Sequence[str], field: str, split_key: SplitKey | None = No
 
 
 class SampleDecoder:
-    """Raw tar sample -> {image, text, key, meta}; raises SkippedSample naming shard, key
-    and reason. `decode(members)` is the same check without a location (what verify
-    reports); with `transform=None` the image is decoded but not transformed.
+    """Raw tar sample -> {<modality>: input, meta} for each of `modalities` (image, audio,
+    text); raises SkippedSample naming shard, key and reason. `decode(members)` is the same
+    check without a location (what verify reports); with `transform=None` the image is
+    decoded but not transformed. Members of other modalities are left undecoded.
 
     Shards are input from elsewhere: an image whose header declares more than `max_pixels`
     is refused before its pixels are decoded (a 140 KB PNG can hold 144 Mpx, 1.5 GB
-    decoded), and a caption over `max_caption_bytes` before it is tokenised.
+    decoded), a clip whose header declares more than `audio.max_seconds` likewise, and a
+    caption over `max_caption_bytes` before it is tokenised.
     """
 
     def __init__(
@@ -199,34 +203,61 @@ class SampleDecoder:
         meta_key: str = META_KEY,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_caption_bytes: int = DEFAULT_MAX_CAPTION_BYTES,
+        modalities: Sequence[str] = ("image", "text"),
+        audio: AudioClips | None = None,
     ) -> None:
         self.transform = transform
         self.image_keys = tuple(image_keys)
         self.text_keys = tuple(text_keys)
         self.meta_key = meta_key
         self.max_pixels, self.max_caption_bytes = max_pixels, max_caption_bytes
+        unknown = sorted(set(modalities) - set(MODALITIES))
+        if unknown or not modalities:
+            raise ConfigError(f"data.modalities: {list(modalities)}; each one of {MODALITIES}")
+        if "audio" in modalities and audio is None:
+            raise ValueError("decoding audio needs its settings (AudioClips)")
+        self.modalities, self.audio = tuple(modalities), audio
 
     @property
     def extensions(self) -> tuple[str, ...]:
         """Every member extension this decoder reads (for splitting keys with dots)."""
-        return (*self.image_keys, *self.text_keys, self.meta_key)
+        audio = self.audio.keys if self.audio is not None else ()
+        return (*self.image_keys, *audio, *self.text_keys, self.meta_key)
 
     def decode(self, members: Mapping[str, bytes]) -> dict:
-        """{image, text, meta} of one sample's members, or SkippedSample(reason, detail)."""
-        image_key = next((k for k in self.image_keys if k in members), None)
-        text_key = next((k for k in self.text_keys if k in members), None)
-        if image_key is None:
-            raise SkippedSample("no_image", f"no image member ({', '.join(self.image_keys)})")
-        if text_key is None:
-            raise SkippedSample("no_text", f"no caption member ({', '.join(self.text_keys)})")
-        size = len(members[text_key])
-        if size > self.max_caption_bytes:
-            raise SkippedSample(
-                "caption_too_long",
-                f"caption of {size} bytes > data.max_caption_bytes {self.max_caption_bytes}",
-            )
+        """{<modality>: input, meta} of one sample's members, or SkippedSample(reason,
+        detail)."""
+        found = {}
+        for modality in self.modalities:
+            keys = self.member_keys(modality)
+            found[modality] = next((k for k in keys if k in members), None)
+            if found[modality] is None:
+                what = "caption" if modality == "text" else modality
+                raise SkippedSample(f"no_{modality}", f"no {what} member ({', '.join(keys)})")
+        if "text" in found:
+            size = len(members[found["text"]])
+            if size > self.max_caption_bytes:
+                raise SkippedSample(
+                    "caption_too_long",
+                    f"caption of {size} bytes > data.max_caption_bytes {self.max_caption_bytes}",
+                )
+        decoded = {m: getattr(self, f"_{m}")(members[k], k) for m, k in found.items()}
         try:
-            with Image.open(io.BytesIO(members[image_key])) as img:
+            meta = json.loads(members[self.meta_key]) if self.meta_key in members else {}
+        except ValueError as exc:
+            raise SkippedSample(
+                "undecodable", f"corrupt .{self.meta_key} ({type(exc).__name__})"
+            ) from exc
+        return {**decoded, "meta": meta}
+
+    def member_keys(self, modality: str) -> tuple[str, ...]:
+        if modality == "audio":
+            return self.audio.keys
+        return self.image_keys if modality == "image" else self.text_keys
+
+    def _image(self, data: bytes, extension: str):
+        try:
+            with Image.open(io.BytesIO(data)) as img:
                 width, height = img.size  # from the header: nothing decoded yet
                 if width * height > self.max_pixels:
                     raise SkippedSample(
@@ -234,27 +265,28 @@ class SampleDecoder:
                         f"{width}x{height} image > data.max_pixels {self.max_pixels}",
                     )
                 image = img.convert("RGB")
-                if self.transform is not None:
-                    image = self.transform(image)
+                return image if self.transform is None else self.transform(image)
         except SkippedSample:
             raise
         except Exception as exc:  # noqa: BLE001 - any decode failure is a bad sample
             raise SkippedSample(
-                "undecodable", f"corrupt .{image_key} ({type(exc).__name__})"
+                "undecodable", f"corrupt .{extension} ({type(exc).__name__})"
             ) from exc
+
+    def _audio(self, data: bytes, extension: str):
         try:
-            text = members[text_key].decode("utf-8").strip()
+            return self.audio.read(data)
+        except SkippedSample as exc:
+            raise SkippedSample(exc.reason, f".{extension}: {exc.detail}") from exc.__cause__
+
+    def _text(self, data: bytes, extension: str) -> str:
+        try:
+            text = data.decode("utf-8").strip()
         except UnicodeDecodeError as exc:
-            raise SkippedSample("undecodable", f"caption .{text_key} is not UTF-8") from exc
-        try:
-            meta = json.loads(members[self.meta_key]) if self.meta_key in members else {}
-        except ValueError as exc:
-            raise SkippedSample(
-                "undecodable", f"corrupt .{self.meta_key} ({type(exc).__name__})"
-            ) from exc
+            raise SkippedSample("undecodable", f"caption .{extension} is not UTF-8") from exc
         if not text:
             raise SkippedSample("empty_caption", "empty caption")
-        return {"image": image, "text": text, "meta": meta}
+        return text
 
     def __call__(self, sample: dict) -> dict:
         try:

@@ -225,7 +225,13 @@ class ShardedSamples(IterableDataset):
     def _collate(
         self, batch: list[dict], reported: Counter[str], cursor: tuple[int, int, int]
     ) -> dict:
-        out = self.collate(batch)
+        """The collated batch; its random choices (SpecAugment masks) draw from a generator
+        seeded by (seed, rank, cursor) alone, so a resumed stream masks what the
+        uninterrupted one masked."""
+        key = f"collate-{self.seed}-{self.rank}-{cursor}"
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(random.Random(key).getrandbits(62))
+            out = self.collate(batch)
         out["skipped"] = dict(self.skipped - reported)  # reason -> count since the last batch
         out["cursor"] = cursor
         return out

@@ -6,13 +6,17 @@ from __future__ import annotations
 import functools
 import io
 import json
+import multiprocessing
+import os
+import sys
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
-from polymodal.utils.files import atomic_file, atomic_write_text, file_lock
+from polymodal.utils.files import atomic_file, atomic_write_text, file_lock, remove_stale_temps
 
 LOCK_NAME = ".lock"  # in a dataset directory: held while it is checked or written
 T = TypeVar("T")
@@ -70,3 +74,58 @@ def locks_dataset(write: Callable[..., T]) -> Callable[..., T]:
             return write(out_dir, *args, **kwargs)
 
     return locked
+
+
+class ShardJob(NamedTuple):
+    """One shard to write: samples `start` .. `start + count - 1` of `split`, to `path`."""
+
+    path: Path
+    split: str
+    start: int
+    count: int
+
+
+def plan_shards(
+    out_dir: Path, counts: Mapping[str, int], shard_size: int, prefix: str
+) -> tuple[list[ShardJob], dict[str, dict]]:
+    """Cut each split's `counts[split]` samples into `{prefix}NNNNNN.tar` shards of
+    `shard_size`: clear the split's old shards and temps (a smaller rerun must not leave
+    extra shards behind), write its sizes.json, and return the shard jobs in `counts` order
+    with each split's manifest entry."""
+    jobs, splits = [], {}
+    for split, total in counts.items():
+        split_dir = out_dir / split
+        split_dir.mkdir(exist_ok=True)
+        for stale in split_dir.glob(f"{prefix}*.tar*"):  # killed writers' temps too
+            stale.unlink()
+        remove_stale_temps(split_dir)
+        num_shards = -(-total // shard_size)
+        sizes = {}
+        for shard in range(num_shards):
+            start = shard * shard_size
+            name = f"{prefix}{shard:06d}.tar"
+            sizes[name] = min(shard_size, total - start)
+            jobs.append(ShardJob(split_dir / name, split, start, sizes[name]))
+        write_json(split_dir / "sizes.json", sizes)
+        last = max(num_shards - 1, 0)
+        splits[split] = {
+            "pattern": f"{split}/{prefix}{{000000..{last:06d}}}.tar" if total else None,
+            "num_samples": total,
+            "num_shards": num_shards,
+        }
+    return jobs, splits
+
+
+def run_shard_jobs(
+    write_shard: Callable[[Path, str, int, int], T], jobs: list[ShardJob], workers: int | None
+) -> list[T]:
+    """`write_shard(*job)` of every job, in job order, from up to `workers` processes
+    (None: up to two); one worker runs in this process."""
+    workers = min(2, os.cpu_count() or 1) if workers is None else workers
+    workers = max(1, min(workers, len(jobs)))
+    if workers == 1:
+        return [write_shard(*job) for job in jobs]
+    # Fork on Linux: spawn would re-import the caller's __main__ (a Hydra app, a notebook).
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        return list(pool.map(write_shard, *zip(*jobs, strict=True)))

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
@@ -28,12 +29,15 @@ if TYPE_CHECKING:
 
 @dataclass
 class RetrievalExamples:
-    """A few query images, their own captions and the top-k captions retrieved for each."""
+    """A few queries (images, or clips drawn as spectrograms), their own captions and the
+    top-k captions retrieved for each; `sounds` the clips' waveforms, for players."""
 
     images: np.ndarray  # [M, H, W, 3] uint8
     names: list[str]  # sample key (or index) of each image
     captions: list[str]
     retrieved: list[list[str]]
+    sounds: np.ndarray | None = None  # [M, samples] float32 at sample_rate
+    sample_rate: int | None = None
 
     def rows(self) -> list[list[str]]:
         return [
@@ -49,7 +53,17 @@ class RetrievalExamples:
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
-    """Undo the CLIP normalisation of preprocessed images: [N, 3, H, W] -> [N, H, W, 3]."""
+    """Pictures of model inputs: preprocessed images [N, 3, H, W] with the CLIP
+    normalisation undone, or log-mel spectrograms [N, 1, mels, frames] in a colour map
+    (low frequencies at the bottom) -> [N, H, W, 3]."""
+    if images.shape[1] == 1:
+        spectrograms = images.detach().float().cpu()[:, 0].flip(1)  # row 0 = highest mel
+        low, high = (
+            spectrograms.amin(dim=(1, 2), keepdim=True),
+            spectrograms.amax(dim=(1, 2), keepdim=True),
+        )
+        scaled = ((spectrograms - low) / (high - low).clamp(min=1e-6)).numpy()
+        return (colormaps["magma"](scaled)[..., :3] * 255).round().astype(np.uint8)
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     pixels = (images.detach().float().cpu() * std + mean).clamp(0, 1) * 255
@@ -64,9 +78,12 @@ def retrieval_examples(
     captions: Sequence[str],
     names: Sequence[str] | None = None,
     k: int = 5,
+    sounds: Tensor | None = None,
+    sample_rate: int | None = None,
 ) -> RetrievalExamples:
     """Top-k captions among all `captions` for each of the first M samples, where M is
-    the number of `images` given (preprocessed, the first M of the evaluated set)."""
+    the number of `images` given (preprocessed images or spectrograms, the first M of the
+    evaluated set; `sounds` their waveforms)."""
     count = len(images)
     scores = image_emb[:count].float() @ text_emb.float().T
     top = scores.topk(min(k, len(captions)), dim=1).indices.tolist()
@@ -75,6 +92,8 @@ def retrieval_examples(
         names=[str(n) for n in (names if names is not None else range(count))][:count],
         captions=list(captions[:count]),
         retrieved=[[captions[j] for j in row] for row in top],
+        sounds=None if sounds is None else sounds[:count].float().cpu().numpy(),
+        sample_rate=sample_rate,
     )
 
 
@@ -167,7 +186,8 @@ def log_media_to_wandb(
     step: int,
 ) -> None:
     """Confusion matrices as `val/confusion_<attr>` images and the retrieval examples as a
-    `val/retrieval` table (the image, its caption, the top-k retrieved captions)."""
+    `val/retrieval` table (the image or spectrogram, for clips a player, its caption, the
+    top-k retrieved captions)."""
     import wandb  # only runs that log to wandb pay for importing it
 
     for name, pixels in pictures.items():
@@ -179,4 +199,8 @@ def log_media_to_wandb(
             for image, row in zip(examples.images, examples.rows(), strict=True)
         ]
         columns = ["image", *examples.columns()]
+        if examples.sounds is not None:
+            players = [wandb.Audio(s, sample_rate=examples.sample_rate) for s in examples.sounds]
+            data = [[row[0], player, *row[1:]] for row, player in zip(data, players, strict=True)]
+            columns = ["spectrogram", "audio", *examples.columns()]
         logger.log_table(key="val/retrieval", columns=columns, data=data, step=step)
