@@ -1,4 +1,4 @@
-"""Train every experiment (or the ones named) on shapes and print its key val metrics.
+"""Train every experiment (or the ones named) and print its key val metrics.
 
     python benchmarks/recipes.py                      # all of src/polymodal/conf/experiment/
     python benchmarks/recipes.py itm mlm trainer.max_steps=200   # names, then overrides
@@ -32,6 +32,15 @@ COLUMNS = {
     "caption/attribute_match": "caption attr",
     "caption/bleu4": "BLEU-4",
     "caption/cider": "CIDEr",
+    # sounds (clap_sounds, audio_captioner) and spoken (asr_spoken)
+    "zeroshot/sound_acc": "sound",
+    "zeroshot/pitch_acc": "pitch",
+    "zeroshot/count_acc": "count",
+    "zeroshot/duration_acc": "duration",
+    "zeroshot/loudness_acc": "loudness",
+    "retrieval/i2t_r5": "i2t R@5",
+    "retrieval/t2i_r5": "t2i R@5",
+    "caption/wer": "WER",
 }
 
 

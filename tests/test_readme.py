@@ -52,6 +52,12 @@ VENV = Path(sys.prefix)  # the venv running the tests, as if the reader had acti
 TIMEOUT_S = 600
 # the shapes dataset a reader's first run would render (50k images), kept small
 SHAPES_SIZES = {"num_train": 256, "num_val": 64, "num_test": 64}
+# the same for every built-in dataset a run generates, by its prepare function
+PREPARE_SIZES = {
+    "ensure_shapes": SHAPES_SIZES,
+    "ensure_sounds": {"num_train": 256, "num_val": 64, "num_test": 32},
+    "ensure_spoken": {"num_train": 48, "num_val": 16, "num_test": 16},
+}
 TRAIN_ARGUMENTS = ["trainer.max_steps=2"]  # writes a checkpoint and metrics.json
 # size arguments of scripts, by the name of their file
 SCRIPT_ARGUMENTS = {
@@ -95,10 +101,10 @@ def first_value(override: str) -> str:
     return f"{key}={value}"
 
 
-def renders_shapes(overrides: list[str]) -> bool:
-    """Whether a `polymodal-train` run with these overrides renders the shapes dataset
-    (its `data.prepare` is ensure_shapes); only then do its size keys exist. Overrides
-    that do not compose are the command's own error to report: then no."""
+def generated_sizes(overrides: list[str]) -> dict[str, int]:
+    """The small sizes of the built-in dataset a `polymodal-train` run with these
+    overrides generates (its `data.prepare`), or none: only then do its size keys exist.
+    Overrides that do not compose are the command's own error to report: then none."""
     plain = [
         first_value(o)
         for o in overrides
@@ -108,8 +114,9 @@ def renders_shapes(overrides: list[str]) -> bool:
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             cfg = compose("train", overrides=plain)
     except HydraException:
-        return False
-    return str(OmegaConf.select(cfg, "data.prepare._target_")).endswith(".ensure_shapes")
+        return {}
+    target = str(OmegaConf.select(cfg, "data.prepare._target_"))
+    return PREPARE_SIZES.get(target.rpartition(".")[2], {})
 
 
 def train_arguments(overrides: list[str]) -> list[str]:
@@ -117,8 +124,7 @@ def train_arguments(overrides: list[str]) -> list[str]:
     if any(o in ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info") for o in overrides):
         return []
     extra = list(TRAIN_ARGUMENTS)
-    if renders_shapes(overrides):
-        extra += [f"data.prepare.{k}={v}" for k, v in SHAPES_SIZES.items()]
+    extra += [f"data.prepare.{k}={v}" for k, v in generated_sizes(overrides).items()]
     if any(o.startswith(("hparams_search=", "hydra.sweeper.n_trials=")) for o in overrides):
         extra.append("hydra.sweeper.n_trials=2")
     return extra
@@ -129,8 +135,9 @@ def ci_arguments(argv: list[str]) -> list[str]:
     for i, word in enumerate(argv):
         if word == "polymodal-train" or (word == "polymodal.train" and argv[i - 1] == "-m"):
             return train_arguments(argv[i + 1 :])
-    if argv[:2] == ["polymodal-data", "shapes"]:
-        return [f"--{k[4:]}={v}" for k, v in SHAPES_SIZES.items()]  # --train=256 ...
+    if len(argv) > 1 and argv[0] == "polymodal-data" and f"ensure_{argv[1]}" in PREPARE_SIZES:
+        sizes = PREPARE_SIZES[f"ensure_{argv[1]}"]
+        return [f"--{k[4:]}={v}" for k, v in sizes.items()]  # --train=256 ...
     if argv[:2] == ["polymodal-data", "build"]:
         return ["--shard-size", "2"]  # 20 input rows -> shards 000000..000009
     if argv[:2] == ["make", "train"]:

@@ -9,11 +9,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from hydra.utils import instantiate
 from PIL import Image
 from torch import Tensor
 
+from polymodal.data.audio import AudioClips
 from polymodal.data.shards import (
     IMAGE_KEYS,
     TEXT_KEYS,
@@ -31,12 +33,17 @@ from polymodal.utils.checkpoint import check_targets, read_checkpoint
 from polymodal.utils.cli import interactive, progress_bar
 from polymodal.utils.errors import ConfigError
 
+Clips = Sequence[str | Path | bytes | np.ndarray] | Tensor
+
 
 class Polymodal:
     """Encoders, zero-shot classifier and caption generator of one trained checkpoint.
 
-    `transform` (PIL image -> tensor) and `tokenizer` are the ones the model was trained
-    with (the evaluation transform: resize + centre crop + CLIP normalisation).
+    `transform` (PIL image -> tensor), `audio` (clip -> spectrogram) and `tokenizer` are
+    the ones the model was trained with, in their evaluation form (images: resize +
+    centre crop + CLIP normalisation; clips: the first `data.audio.seconds`, no masking).
+    `modality` is what the checkpoint's texts describe: its first modality besides text
+    (image or audio); shard tools and `zero_shot` work on it.
     """
 
     def __init__(self, module: PretrainModule, config: dict, tokenizer: TextTokenizer) -> None:
@@ -44,6 +51,11 @@ class Polymodal:
         self.config = config
         self.tokenizer = tokenizer
         self.transform = image_transform(config["data"]["image_size"], train=False)
+        modalities = self.module.model.modalities
+        self.modality = next((m for m in modalities if m != "text"), "image")
+        self.audio = None
+        if "audio" in modalities:
+            self.audio = AudioClips(False, **config["data"]["audio"])
 
     @property
     def device(self) -> torch.device:
@@ -65,6 +77,40 @@ class Polymodal:
         """L2-normalised image embeddings [N, D]."""
         return self.module.model.embed("image", self.preprocess(images))
 
+    def preprocess_audio(self, clips: Clips) -> Tensor:
+        """Spectrograms [N, 1, mels, frames] from audio files, their bytes, or mono waveforms
+        at `data.audio.sample_rate` (or an already preprocessed tensor)."""
+        if self.audio is None:
+            raise ConfigError(
+                f"this checkpoint has no audio encoder ({self.module.model.modalities})"
+            )
+        if isinstance(clips, Tensor):
+            return clips.to(self.device)
+        waves = []
+        for clip in clips:
+            if isinstance(clip, np.ndarray):
+                waves.append(self.audio.fit(torch.from_numpy(clip.astype(np.float32))))
+            else:
+                data = Path(clip).read_bytes() if isinstance(clip, (str, Path)) else clip
+                waves.append(self.audio.read(data))
+        return self.audio.features(torch.stack(waves)).to(self.device)
+
+    @torch.no_grad()
+    def encode_audio(self, clips: Clips) -> Tensor:
+        """L2-normalised audio embeddings [N, D]."""
+        return self.module.model.embed("audio", self.preprocess_audio(clips))
+
+    def encode(self, inputs) -> Tensor:
+        """Embeddings of images or clips, whichever this checkpoint's `modality` is."""
+        return self.encode_audio(inputs) if self.modality == "audio" else self.encode_image(inputs)
+
+    def batch_input(self, samples: Sequence[dict]) -> Tensor:
+        """The model input of decoded shard samples (`read_shards`) of `modality`."""
+        stacked = torch.stack([s[self.modality] for s in samples])
+        if self.modality == "audio":
+            return self.audio.features(stacked).to(self.device)
+        return stacked.to(self.device)
+
     @torch.no_grad()
     def encode_text(self, texts: Sequence[str]) -> Tensor:
         """L2-normalised text embeddings [N, D]."""
@@ -74,16 +120,17 @@ class Polymodal:
     @torch.no_grad()
     def zero_shot(
         self,
-        images: Sequence[Image.Image] | Tensor,
+        inputs: Sequence[Image.Image] | Clips,
         class_names: Sequence[str],
         templates: Sequence[str] = ("{}",),
     ) -> Tensor:
-        """Class probabilities [N, C]: each class is the mean of its normalised prompt
+        """Class probabilities [N, C] of images or clips (the checkpoint's `modality`):
+        each class is the mean of its normalised prompt
         embeddings (CLIP's prompt ensemble), scored at the learned temperature (100 for a
         model trained without one). With a SigLIP bias the classes are independent
         sigmoids (SigLIP's zero-shot), else a softmax over classes."""
         classifier = build_zeroshot_classifier(self.encode_text, class_names, templates)
-        logits = self.encode_image(images).float() @ classifier.to(self.device).T
+        logits = self.encode(inputs).float() @ classifier.to(self.device).T
         model = self.module.model
         if model.logit_scale is None:
             return (100.0 * logits).softmax(dim=-1)
@@ -99,10 +146,16 @@ class Polymodal:
         image_keys: Sequence[str] = IMAGE_KEYS,
         text_keys: Sequence[str] = TEXT_KEYS,
     ) -> Iterator[dict]:
-        """Decoded samples {image (preprocessed), text, key, meta} of a shard set, in shard
-        order. Bad samples are skipped (as in training) and their errors appended to
-        `skipped`, so callers can count them."""
-        decoder = SampleDecoder(self.transform, image_keys, text_keys)
+        """Decoded samples {image (preprocessed) or audio (waveform), text, key, meta} of a
+        shard set, in shard order. Bad samples are skipped (as in training) and their
+        errors appended to `skipped`, so callers can count them."""
+        decoder = SampleDecoder(
+            self.transform,
+            image_keys,
+            text_keys,
+            modalities=(self.modality, "text"),
+            audio=self.audio,
+        )
         skips = SkipPolicy(quiet=True, record=lambda exc: skipped.append(str(exc)))
         yield from decoded_samples(expand_shards(shards, "shards"), decoder, skips)
 
@@ -116,15 +169,18 @@ class Polymodal:
         keep_images: int = 0,
     ) -> dict:
         """Embeddings of every usable sample of a shard set, in shard order:
-        {keys, image [N, D], text [N, D], captions, meta, skipped, images}. `images` holds
-        the first `keep_images` preprocessed images (for pictures of the results). A
-        terminal shows a progress bar (samples, from the shards' sizes.json)."""
+        {keys, <modality> [N, D], text [N, D], captions, meta, skipped, images, sounds}.
+        `images` holds the model inputs of the first `keep_images` samples (preprocessed
+        images or spectrograms, for pictures of the results), `sounds` their waveforms
+        (audio checkpoints). A terminal shows a progress bar (samples, from the shards'
+        sizes.json)."""
         skipped: list[str] = []
-        keys, captions, metas, images, texts, kept, batch = [], [], [], [], [], [], []
+        keys, captions, metas, embedded, texts, kept, batch = [], [], [], [], [], [], []
         urls = expand_shards(shards, "shards")
+        model = self.module.model
 
         def flush() -> None:
-            images.append(self.encode_image(torch.stack([s["image"] for s in batch])).cpu())
+            embedded.append(model.embed(self.modality, self.batch_input(batch)).cpu())
             texts.append(self.encode_text([s["text"] for s in batch]).cpu())
             advance(len(batch))
             batch.clear()
@@ -135,7 +191,7 @@ class Polymodal:
                 captions.append(sample["text"])
                 metas.append(sample["meta"])
                 if len(kept) < keep_images:
-                    kept.append(sample["image"])
+                    kept.append(sample)
                 batch.append(sample)
                 if len(batch) == batch_size:
                     flush()
@@ -145,17 +201,39 @@ class Polymodal:
             raise ConfigError(f"shards {shards!r}: no usable sample ({len(skipped)} skipped)")
         return {
             "keys": keys,
-            "image": torch.cat(images),
+            self.modality: torch.cat(embedded),
             "text": torch.cat(texts),
             "captions": captions,
             "meta": metas,
             "skipped": skipped,
-            "images": torch.stack(kept) if kept else torch.empty(0),
+            "images": self.batch_input(kept).cpu() if kept else torch.empty(0),
+            "sounds": torch.stack([s["audio"] for s in kept]) if self.audio and kept else None,
         }
 
-    def generate(self, images: Sequence[Image.Image] | Tensor, **kwargs) -> list[str]:
-        """Captions (for checkpoints with a decoder); kwargs as `PretrainModule.generate`."""
-        return self.module.generate(self.preprocess(images), **kwargs)
+    def generate(
+        self,
+        images: Sequence[Image.Image] | Tensor | None = None,
+        audio: Clips | None = None,
+        **kwargs,
+    ) -> list[str]:
+        """Captions of images or clips (for checkpoints with a decoder, which attends to
+        `model.decoder.memory`); kwargs as `PretrainModule.generate`."""
+        model = self.module.model
+        if (images is None) == (audio is None):
+            raise ValueError("generate: pass images or audio")
+        given = "image" if audio is None else "audio"
+        if model.decoder is not None and model.decoder_memory != given:
+            raise ConfigError(
+                f"this checkpoint's decoder attends to {model.decoder_memory}, not {given}"
+            )
+        inputs = self.preprocess(images) if audio is None else self.preprocess_audio(audio)
+        memory = model.encode(given, inputs)
+        return self.module.generate(memory=memory, **kwargs)
+
+    def transcribe(self, clips: Clips, **kwargs) -> list[str]:
+        """Transcripts of speech clips (a speech-recognition checkpoint, e.g.
+        experiment=asr_spoken); kwargs as `PretrainModule.generate` (strategy, num_beams)."""
+        return self.generate(audio=clips, **kwargs)
 
 
 def _sample_count(urls: Sequence[str]) -> int | None:

@@ -1,8 +1,10 @@
-"""`polymodal-embed`: image and text embeddings of a shard set, for downstream use.
+"""`polymodal-embed`: image (or audio) and text embeddings of a shard set, for downstream
+use.
 
     polymodal-embed ckpt_path=runs/.../last.ckpt shards='data/val/*.tar' out_dir=emb/
 
-Writes `image_embeddings.npy`, `text_embeddings.npy` (float32 [N, D], L2-normalised),
+Writes `image_embeddings.npy` (`audio_embeddings.npy` for an audio checkpoint, e.g.
+experiment=clap_sounds), `text_embeddings.npy` (float32 [N, D], L2-normalised),
 `keys.txt` and `meta.jsonl`, all in the same sample order. `keys.txt` holds one sample
 key per line as a JSON string (ASCII; quotes, backslashes, newlines and non-ASCII
 characters escaped), since a key is a tar member name and may hold any of them:
@@ -28,14 +30,14 @@ def embed(cfg: DictConfig) -> dict:
     result = model.embed_shards(cfg.shards, batch_size=cfg.batch_size)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "image_embeddings.npy", result["image"].float().numpy())
+    np.save(out / f"{model.modality}_embeddings.npy", result[model.modality].float().numpy())
     np.save(out / "text_embeddings.npy", result["text"].float().numpy())
     (out / "keys.txt").write_text("".join(json.dumps(key) + "\n" for key in result["keys"]))
     with open(out / "meta.jsonl", "w") as f:
         f.writelines(json.dumps(meta, sort_keys=True) + "\n" for meta in result["meta"])
     return {
         "samples": len(result["keys"]),
-        "dim": result["image"].shape[1],
+        "dim": result["text"].shape[1],
         "skipped": len(result["skipped"]),
         "out_dir": str(out),
     }

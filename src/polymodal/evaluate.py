@@ -13,8 +13,12 @@ Each entry of `eval.benchmarks` names a `kind`:
   top-1 accuracy on `test_shards`, for each json attribute in `labels` (classes: the
   values in the train split);
 - `captioning` (checkpoints with a decoder): BLEU-4 and CIDEr of captions generated for
-  the first `max_samples` images of `shards` against all of each image's captions;
-  every generated caption to `captions/<name>.jsonl`.
+  the first `max_samples` images (or clips) of `shards` against all of each image's
+  captions, with `wer: true` the word error rate against each sample's first text (a
+  transcript: speech recognition); every generated caption to `captions/<name>.jsonl`.
+
+Benchmarks read the checkpoint's modality (image or audio, `Polymodal.modality`):
+zero-shot, retrieval and probes of an audio checkpoint score clips against texts.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-import torch
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -31,7 +34,7 @@ import polymodal
 from polymodal.api import Polymodal
 from polymodal.data.meta import IMAGE_ID, label_name, sorted_labels
 from polymodal.data.shardtools import values_reader
-from polymodal.evaluation.captioning import caption_metrics
+from polymodal.evaluation.captioning import caption_metrics, word_error_rate
 from polymodal.evaluation.evaluator import EmbeddingEvaluator, image_of, label_indices
 from polymodal.evaluation.linear_probe import linear_probe
 from polymodal.evaluation.validation import write_evaluation_media
@@ -60,13 +63,16 @@ def zeroshot_retrieval(
         retrieval=retrieval,
         group_by=spec.get("group_by", IMAGE_ID),
     )
-    evaluator.update(data["image"], data["text"], data["meta"], data["captions"])
+    evaluator.update(data[model.modality], data["text"], data["meta"], data["captions"])
     metrics = evaluator.compute(model.encode_text)
     (out_dir / "confusion").mkdir(parents=True, exist_ok=True)
     for attribute, matrix in evaluator.confusion.items():
         table = {"classes": evaluator.classes(attribute), "matrix": matrix.tolist()}
         (out_dir / "confusion" / f"{name}_{attribute}.json").write_text(json.dumps(table))
-    write_evaluation_media(evaluator, data["images"], out_dir / "media", f"_{name}", data["keys"])
+    rate = model.audio.sample_rate if model.audio else None
+    media = out_dir / "media"
+    keys, sounds = data["keys"], data["sounds"]
+    write_evaluation_media(evaluator, data["images"], media, f"_{name}", keys, sounds, rate)
     metrics["samples"] = float(len(data["keys"]))
     metrics["skipped_samples"] = float(len(data["skipped"]))
     return metrics
@@ -77,6 +83,7 @@ def probe(
 ) -> dict[str, float]:
     train = model.embed_shards(spec["train_shards"], batch_size)
     test = model.embed_shards(spec["test_shards"], batch_size)
+    modality = model.modality
     metrics = {}
     for attribute in spec["labels"]:
         # the classes are the train split's values (test values outside them are not scored)
@@ -84,9 +91,9 @@ def probe(
             name for m in train["meta"] if (name := label_name(m.get(attribute))) is not None
         )
         result = linear_probe(
-            train["image"],
+            train[modality],
             label_indices(train["meta"], attribute, classes),
-            test["image"],
+            test[modality],
             label_indices(test["meta"], attribute, classes),
         )
         metrics[f"{attribute}_acc"] = result["acc"]
@@ -108,7 +115,7 @@ def captioning(
     for sample in model.read_shards(spec["shards"], skipped):
         image_id = image_of(sample["meta"], group_by, sample["key"])
         if image_id not in images and len(images) < max_samples:
-            images[image_id], metas[image_id] = sample["image"], sample["meta"]
+            images[image_id], metas[image_id] = sample, sample["meta"]
             keys[image_id], references[image_id] = sample["key"], []
         if image_id in references:
             references[image_id].append(sample["text"])
@@ -118,14 +125,16 @@ def captioning(
         )
     ids = list(images)
     generated = {}
+    given = "audio" if model.modality == "audio" else "images"
     for start in range(0, len(ids), batch_size):
-        chunk = ids[start : start + batch_size]
-        texts = model.generate(
-            torch.stack([images[i] for i in chunk]), **spec.get("generation", {})
-        )
-        generated.update(zip(chunk, texts, strict=True))
+        inputs = model.batch_input([images[i] for i in ids[start : start + batch_size]])
+        texts = model.generate(**{given: inputs}, **spec.get("generation", {}))
+        generated.update(zip(ids[start : start + batch_size], texts, strict=True))
     attributes = spec.get("match_attributes", ["color", "shape"])
     metrics = caption_metrics(generated, references, metas, attributes)
+    if spec.get("wer", False):  # each sample's own text is its transcript
+        own = [references[i][0] for i in ids]
+        metrics["wer"] = word_error_rate([generated[i] for i in ids], own)
     (out_dir / "captions").mkdir(parents=True, exist_ok=True)
     with open(out_dir / "captions" / f"{name}.jsonl", "w") as file:
         for i in ids:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
+import jiwer
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 
@@ -99,3 +100,16 @@ def caption_metrics(
             [generated[i] for i in ids], [metas[i] for i in ids], attributes
         )
     return metrics
+
+
+def word_error_rate(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus WER (jiwer): word substitutions + deletions + insertions over the reference
+    words, after the same lower-casing and punctuation split as the caption scores."""
+    if len(hypotheses) != len(references) or not references:
+        raise ValueError("word_error_rate needs one hypothesis per reference, at least one")
+    return float(
+        jiwer.wer(
+            [" ".join(tokenize(r)) for r in references],
+            [" ".join(tokenize(h)) for h in hypotheses],
+        )
+    )

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from polymodal.data.meta import IMAGE_ID
-from polymodal.evaluation.captioning import caption_metrics
+from polymodal.evaluation.captioning import caption_metrics, word_error_rate
 from polymodal.evaluation.evaluator import EmbeddingEvaluator, image_of
 from polymodal.evaluation.media import RetrievalExamples, retrieval_examples, write_media
 from polymodal.evaluation.retrieval import reranked_recall_at_1
@@ -35,16 +35,30 @@ def write_evaluation_media(
     out_dir: Path,
     suffix: str,
     names: Sequence[str] | None = None,
+    sounds: Tensor | None = None,
+    sample_rate: int | None = None,
 ) -> tuple[dict[str, np.ndarray], RetrievalExamples | None]:
     """Confusion matrices of the evaluator's last `compute` and retrieval examples of the
-    first `images` (preprocessed, the first of the evaluated set) as PNG/CSV under
-    `out_dir`; returns the pictures and examples for loggers."""
+    first `images` (preprocessed images or spectrograms, the first of the evaluated set;
+    `sounds` the clips' waveforms) as PNG/CSV under `out_dir`; returns the pictures and
+    examples for loggers."""
     examples = None
     if evaluator.retrieval and images is not None and len(images):
         image_emb, text_emb = evaluator.embeddings()
-        examples = retrieval_examples(images, image_emb, text_emb, evaluator.captions, names)
+        examples = retrieval_examples(
+            images, image_emb, text_emb, evaluator.captions, names, 5, sounds, sample_rate
+        )
     confusion = {a: (m, evaluator.classes(a)) for a, m in evaluator.confusion.items()}
     return write_media(out_dir, suffix, confusion, examples), examples
+
+
+def described_modality(model: PolymodalModel, batch: Mapping) -> str:
+    """What a val batch's captions describe: the first of the model's modalities other
+    than text that the batch holds (zero-shot and retrieval score it against the texts)."""
+    for modality in model.modalities:
+        if modality != "text" and model.input_key(modality) in batch:
+            return modality
+    raise ValueError(f"a val batch holds none of {model.modalities} besides text")
 
 
 class ValidationReport:
@@ -60,12 +74,15 @@ class ValidationReport:
         itm_rerank_k: int = 16,
         caption_batches: int = 2,
         generation: Mapping | None = None,
+        match_attributes: Sequence[str] = ("color", "shape"),
+        wer: bool = False,
     ) -> None:
         self.evaluator = EmbeddingEvaluator(zeroshot, retrieval, retrieval_chunk_size, group_by)
         self.group_by = group_by
         self.media_samples, self.itm_rerank_k = media_samples, itm_rerank_k
         self.caption_batches = caption_batches
         self.generation = dict(generation or {})
+        self.match_attributes, self.wer = tuple(match_attributes), wer
         self.reset()
 
     @property
@@ -77,7 +94,8 @@ class ValidationReport:
         # (image id, generated, its own caption, meta) of the captioned val samples
         self.captions: list[tuple[str, str, str, dict]] = []
         self._tokens: list[tuple[Tensor, Tensor, Tensor]] = []
-        self.media_images: Tensor | None = None
+        self.media_images: Tensor | None = None  # images or spectrograms
+        self.media_sounds: Tensor | None = None  # the clips' waveforms
 
     def update(
         self, cache: EncodingCache, batch_idx: int, captioner: Captioner | None = None
@@ -85,11 +103,15 @@ class ValidationReport:
         """Add one val batch: its embeddings, (with an ITM head) its tokens, (with a
         decoder, in the first `caption_batches`) captions of its images."""
         model, batch = cache.model, cache.batch
+        modality = described_modality(model, batch)
         self.evaluator.update(
-            cache.embedding("image"), cache.embedding("text"), batch["meta"], batch["text"]
+            cache.embedding(modality), cache.embedding("text"), batch["meta"], batch["text"]
         )
-        if batch_idx == 0:  # rank 0's first images lead the gathered val set
-            self.media_images = batch["image"][: self.media_samples].detach().cpu()
+        if batch_idx == 0:  # rank 0's first samples lead the gathered val set
+            inputs = batch[model.input_key(modality)]
+            self.media_images = inputs[: self.media_samples].detach().cpu()
+            if "waveform" in batch:
+                self.media_sounds = batch["waveform"][: self.media_samples].cpu()
         if model.itm_head is not None and self.itm_rerank_k > 0:
             memory = cache.tokens(model.fusion_memory)
             tokens = (memory, cache.tokens("text"), cache.mask("text"))
@@ -170,12 +192,16 @@ class ValidationReport:
 
     def caption_metrics(self) -> dict[str, float]:
         """`caption/bleu1|bleu4|cider|attribute_match` of the first caption generated for
-        each image, against all of its captions."""
+        each image, against all of its captions; with `wer`, `caption/wer` of every
+        generated text against its sample's own (a transcript)."""
         generated, metas = {}, {}
         for image, text, _, meta in self.captions:
             generated.setdefault(image, text)
             metas.setdefault(image, meta)
-        scores = caption_metrics(generated, self.caption_references(), metas)
+        scores = caption_metrics(generated, self.caption_references(), metas, self.match_attributes)
+        if self.wer:
+            hypotheses = [text for _, text, _, _ in self.captions]
+            scores["wer"] = word_error_rate(hypotheses, [own for _, _, own, _ in self.captions])
         return {f"caption/{k}": v for k, v in scores.items()}
 
     def caption_rows(self, count: int = 16) -> list[list[str]]:

@@ -2,7 +2,8 @@
 contrastive temperature of one run, built from `model.*` config.
 
 Modalities are registered by name (`model.stems.<name>`: a `Stem` class and its kwargs;
-`model.towers.<name>`: its encoder under `sharing=separate`) and share one interface:
+`model.towers.<name>`: its encoder under `sharing=separate`); `model.modalities` picks the
+ones a run builds. They share one interface:
 `encode(modality, x, mask, keep) -> tokens`, `pool`, `project`, `embed`. `model.sharing`
 picks how they share weights:
 
@@ -68,6 +69,16 @@ def stem_class(name: str, spec: Mapping) -> tuple[type[Stem], dict]:
     return cls, kwargs
 
 
+def select_stems(stems: Mapping[str, Mapping], modalities: Sequence[str] | None) -> dict:
+    """The stems of `modalities` (None: all), in that order."""
+    if modalities is None:
+        return dict(stems)
+    missing = [m for m in modalities if m not in stems]
+    if missing or not modalities:
+        raise ConfigError(f"model.modalities: {missing or '[]'} (model.stems has {list(stems)})")
+    return {m: stems[m] for m in modalities}
+
+
 def build_encoders(
     sharing: str, stems: Mapping[str, Mapping], towers: Mapping[str, Mapping], trunk: Mapping
 ) -> tuple[nn.ModuleDict, dict[str, str]]:
@@ -95,6 +106,7 @@ class PolymodalModel(nn.Module):
     def __init__(
         self,
         stems: Mapping[str, Mapping],
+        modalities: Sequence[str] | None = None,
         towers: Mapping[str, Mapping] | None = None,
         trunk: Mapping | None = None,
         vocab_size: int | None = None,
@@ -113,6 +125,7 @@ class PolymodalModel(nn.Module):
             raise ConfigError("model.vocab_size is unset: it must cover the tokenizer")
         self.sharing, self.vocab_size, self.embed_dim = sharing, vocab_size, embed_dim
         stems, towers, trunk = (plain_dict(c) for c in (stems, towers, trunk))
+        stems = select_stems(stems, modalities)
         self.encoders, self.encoder_of = build_encoders(sharing, stems, towers, trunk)
         self.projections = nn.ModuleDict(
             {m: nn.Linear(self.width(m), embed_dim, bias=False) for m in self.encoder_of}
@@ -195,12 +208,14 @@ class PolymodalModel(nn.Module):
     def width(self, modality: str) -> int:
         return self.encoder(modality).width
 
+    def input_key(self, modality: str) -> str:
+        """The collated batch's key of a modality's input (a timm tower's: the modality)."""
+        return getattr(self.stem(modality), "input_key", modality)
+
     def inputs(self, batch: Mapping, modality: str) -> tuple[Tensor, Tensor | None]:
         """(input, padding mask or None) of a modality in a collated batch."""
-        stem = self.stem(modality)
-        mask_key = getattr(stem, "mask_key", None)
-        key = getattr(stem, "input_key", modality)
-        return batch[key], None if mask_key is None else batch[mask_key]
+        mask_key = getattr(self.stem(modality), "mask_key", None)
+        return batch[self.input_key(modality)], None if mask_key is None else batch[mask_key]
 
     def encode(
         self, modality: str, x: Tensor, mask: Tensor | None = None, keep: Tensor | None = None

@@ -231,7 +231,7 @@ class PretrainModule(L.LightningModule):
         finite = torch.isfinite(loss.detach())  # every micro-batch of the step counts
         self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
         self.skipped_samples.update(batch.get("skipped", {}))
-        size = batch["image"].shape[0]
+        size = len(batch["key"])
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=size)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size)
         # this rank's running count (a per-step all-reduce would cost a sync every step);
@@ -287,7 +287,7 @@ class PretrainModule(L.LightningModule):
             self.step_losses(EncodingCache(self.model, batch))
         for buffer, saved in buffers:
             buffer.copy_(saved)
-        return 3 * counter.get_total_flops() / batch["image"].shape[0]
+        return 3 * counter.get_total_flops() / len(batch["key"])
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -360,7 +360,7 @@ class PretrainModule(L.LightningModule):
         self.report.reset()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        size = batch["image"].shape[0]
+        size = len(batch["key"])
         cache = EncodingCache(self.model, batch)
         # masks and negatives drawn in validation are seeded per batch, so val metrics
         # are comparable across evaluations and training's random stream is untouched
@@ -409,8 +409,14 @@ class PretrainModule(L.LightningModule):
         if self.trainer.sanity_checking:
             return
         out = Path(self.trainer.default_root_dir) / "media"
+        audio = getattr(self.trainer.datamodule, "audio", None) or {}
         pictures, examples = write_evaluation_media(
-            self.report.evaluator, self.report.media_images, out, f"_step{self.global_step}"
+            self.report.evaluator,
+            self.report.media_images,
+            out,
+            f"_step{self.global_step}",
+            sounds=self.report.media_sounds,
+            sample_rate=audio.get("sample_rate"),
         )
         for logger in self.loggers:
             if isinstance(logger, WandbLogger):

@@ -44,7 +44,7 @@ class Throughput(L.Callback):
             self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._samples += batch["image"].shape[0]
+        self._samples += len(batch["key"])
         self._steps += 1
         if self._steps < self.window:
             return

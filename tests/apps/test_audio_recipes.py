@@ -1,0 +1,166 @@
+"""The audio experiments end to end through the train app on small generated data:
+CLAP in every sharing mode, Whisper-style transcription (WER) and audio captioning."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from PIL import Image
+
+import polymodal
+from polymodal.embed import embed
+from polymodal.evaluate import captioning, probe, zeroshot_retrieval
+from polymodal.utils.cli import CONFIG_DIR
+from polymodal.utils.errors import ConfigError
+from tests.helpers import tar_members, train_tiny
+
+
+@pytest.mark.parametrize("sharing", ["separate", "multiway", "shared"])
+def test_clap_sounds_trains_in_every_sharing_mode(sharing, sounds_dir, shapes_dir, tmp_path):
+    ckpt, _ = train_tiny(
+        tmp_path,
+        shapes_dir,
+        "experiment=clap_sounds",
+        f"paths.sounds_dir={sounds_dir}",
+        f"model.sharing={sharing}",
+    )
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    attributes = json.loads((sounds_dir / "manifest.json").read_text())["attributes"]
+    for attribute in attributes:  # every attribute scored zero-shot from audio
+        assert f"val/zeroshot/{attribute}_acc" in metrics
+    assert "val/retrieval/i2t_r5" in metrics  # audio -> text
+    # media: spectrograms of the first val clips beside their retrieved captions
+    assert list((tmp_path / "media").glob("retrieval_step2.png"))
+    rows = (tmp_path / "media" / "retrieval_step2.csv").read_text().splitlines()
+    assert rows[0].startswith("sample,caption,retrieved_1") and len(rows) == 9
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    assert not any("image" in name for name in state)
+    audio_weights = [n for n in state if "audio" in n]
+    assert audio_weights, "no audio stem/expert in the checkpoint"
+    if sharing == "multiway":
+        assert any(".mlp.audio." in n for n in audio_weights)
+
+
+def test_asr_spoken_reports_word_error_rate(spoken_dir, shapes_dir, tmp_path):
+    train_tiny(tmp_path, shapes_dir, "experiment=asr_spoken", f"paths.spoken_dir={spoken_dir}")
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["val/caption/wer"] > 0.0  # an untrained decoder gets words wrong
+    assert "val/retrieval/mean_r1" not in metrics
+    rows = (tmp_path / "samples").glob("captions_step*.jsonl")
+    first = json.loads(next(rows).read_text().splitlines()[0])
+    assert set(first) == {"generated", "reference"} and first["reference"]
+
+
+def test_audio_captioner_scores_captions_of_clips(sounds_dir, shapes_dir, tmp_path):
+    train_tiny(tmp_path, shapes_dir, "experiment=audio_captioner", f"paths.sounds_dir={sounds_dir}")
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("bleu4", "cider", "attribute_match"):
+        assert f"val/caption/{key}" in metrics
+
+
+@pytest.fixture(scope="module")
+def clap(tmp_path_factory, sounds_dir, shapes_dir):
+    """last.ckpt of a short clap_sounds run."""
+    run = tmp_path_factory.mktemp("clap")
+    return train_tiny(run, shapes_dir, "experiment=clap_sounds", f"paths.sounds_dir={sounds_dir}")[
+        0
+    ]
+
+
+@pytest.fixture(scope="module")
+def asr(tmp_path_factory, spoken_dir, shapes_dir):
+    """last.ckpt of a short asr_spoken run."""
+    run = tmp_path_factory.mktemp("asr")
+    return train_tiny(run, shapes_dir, "experiment=asr_spoken", f"paths.spoken_dir={spoken_dir}")[0]
+
+
+def val_clips(dataset_dir, count: int = 4) -> list[tuple[str, bytes, str]]:
+    """(key, flac bytes, caption) of the first val samples."""
+    members = tar_members(sorted((dataset_dir / "val").glob("*.tar"))[0])
+    keys = [name[: -len(".flac")] for name in members if name.endswith(".flac")][:count]
+    return [(k, members[f"{k}.flac"], members[f"{k}.txt"].decode()) for k in keys]
+
+
+def test_load_encodes_clips_from_files_bytes_and_waveforms(clap, sounds_dir, tmp_path):
+    model = polymodal.load(clap)
+    assert model.modality == "audio"
+    clips = val_clips(sounds_dir)
+    paths = []
+    for key, data, _ in clips:
+        paths.append(tmp_path / f"{key}.flac")
+        paths[-1].write_bytes(data)
+    waves = [soundfile.read(io.BytesIO(data), dtype="float32")[0] for _, data, _ in clips]
+    from_files = model.encode_audio(paths)
+    assert from_files.shape == (4, 128)
+    assert torch.allclose(from_files.norm(dim=-1), torch.ones(4), atol=1e-5)
+    assert torch.allclose(model.encode_audio([d for _, d, _ in clips]), from_files)
+    assert torch.allclose(model.encode_audio(waves), from_files, atol=1e-5)
+    # the same clips through the training pipeline's val batches give the same embeddings
+    samples = list(model.read_shards(str(sounds_dir / "val" / "*.tar"), []))[:4]
+    assert torch.allclose(model.module.model.embed("audio", model.batch_input(samples)), from_files)
+    probs = model.zero_shot(paths, ["beep", "buzz", "hiss"], ["a {}"])
+    assert probs.shape == (4, 3) and torch.allclose(probs.sum(-1), torch.ones(4))
+    with pytest.raises(ConfigError, match="has no image"):
+        model.encode_image(torch.zeros(1, 3, 64, 64))
+
+
+def test_embed_and_eval_apps_score_audio(clap, sounds_dir, tmp_path):
+    out = tmp_path / "emb"
+    cfg = OmegaConf.create(
+        {
+            "ckpt_path": str(clap),
+            "shards": str(sounds_dir / "val" / "*.tar"),
+            "out_dir": str(out),
+            "batch_size": 16,
+            "device": "cpu",
+        }
+    )
+    summary = embed(cfg)
+    assert summary["samples"] == 64 and summary["skipped"] == 0
+    audio = np.load(out / "audio_embeddings.npy")
+    keys = [json.loads(line) for line in (out / "keys.txt").read_text().splitlines()]
+    model = polymodal.load(clap)
+    first = [k for k, _, _ in val_clips(sounds_dir)]
+    assert keys[:4] == first
+    expected = model.encode_audio([data for _, data, _ in val_clips(sounds_dir)])
+    np.testing.assert_allclose(audio[:4], expected.numpy(), atol=1e-5)
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        eval_cfg = compose("eval", overrides=["eval=sounds", f"paths.sounds_dir={sounds_dir}"])
+    spec = OmegaConf.to_container(eval_cfg.eval.benchmarks, resolve=True)
+    metrics = zeroshot_retrieval(model, spec["val"], 32, tmp_path, "val")
+    for attribute in ("sound", "pitch", "count"):
+        assert f"zeroshot/{attribute}_acc" in metrics
+    assert metrics["samples"] == 64.0 and "retrieval/i2t_r5" in metrics
+    picture = np.asarray(Image.open(tmp_path / "media" / "retrieval_val.png"))
+    assert picture.shape[0] > 400 and picture.std() > 10  # 8 spectrogram rows
+    assert set(probe(model, spec["linear_probe"], 32, tmp_path, "probe")) == {
+        f"{a}_acc" for a in spec["linear_probe"]["labels"]
+    }
+
+
+def test_transcribe_and_the_speech_benchmark(asr, spoken_dir, tmp_path):
+    model = polymodal.load(asr)
+    clips = val_clips(spoken_dir, count=3)
+    texts = model.transcribe([data for _, data, _ in clips], max_length=8)
+    assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
+    assert model.generate(audio=[d for _, d, _ in clips], max_length=8) == texts
+    with pytest.raises(ConfigError, match="attends to audio, not image"):
+        model.generate(images=torch.zeros(1, 3, 64, 64))
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        eval_cfg = compose("eval", overrides=["eval=spoken", f"paths.spoken_dir={spoken_dir}"])
+    spec = OmegaConf.to_container(eval_cfg.eval.benchmarks, resolve=True)["greedy"]
+    metrics = captioning(model, {**spec, "max_samples": 8}, 4, tmp_path, "greedy")
+    assert metrics["images"] == 8.0 and metrics["wer"] > 0.0
+    rows = [
+        json.loads(x) for x in (tmp_path / "captions" / "greedy.jsonl").read_text().split("\n") if x
+    ]
+    references = {r["key"]: r["references"] for r in rows}
+    transcripts = {k: t for k, _, t in val_clips(spoken_dir, count=16)}
+    assert all(references[k] == [transcripts[k]] for k in references if k in transcripts)
