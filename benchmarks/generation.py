@@ -1,11 +1,14 @@
 """Decoding strategies on a trained captioning run: speed, agreement and quality.
 
     python benchmarks/generation.py logs/recipes/captioner [--batches 2] [--ckpt PATH]
+    python benchmarks/generation.py logs/recipes/asr_spoken     # transcripts: WER
 
 Loads `<run>/.hydra/config.yaml` and `<run>/checkpoints/last.ckpt` (or --ckpt), captions the first
-val batches with each strategy, and prints per strategy: seconds, how often the caption
-names the right colour and shape, the mean sequence log-probability; then whether the
-KV-cached tokens equal the recomputed ones and for how many images beam search (4 beams)
+val batches (images or clips: what the decoder attends to) with each strategy, and prints
+per strategy: seconds, how often the caption names the right values of the run's
+`task.evaluation.match_attributes` (or, with `task.evaluation.wer`, the word error rate
+against each sample's own text), the mean sequence log-probability; then whether the
+KV-cached tokens equal the recomputed ones and for how many inputs beam search (4 beams)
 found a sequence at least as likely as greedy's.
 """
 
@@ -19,7 +22,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from polymodal.evaluation.captioning import attribute_match_rate
+from polymodal.evaluation.captioning import attribute_match_rate, word_error_rate
 from polymodal.tasks.pretrain import build_module
 from polymodal.utils.checkpoint import read_checkpoint
 
@@ -64,14 +67,19 @@ def main() -> None:
     tok = datamodule.tokenizer
     batches = [b for _, b in zip(range(args.batches), datamodule.val_dataloader(), strict=False)]
     results = {}
-    print("| strategy | seconds | colour+shape named | mean log-prob |")
+    evaluation = module.evaluation_cfg
+    wer = evaluation.get("wer", False)
+    attributes = evaluation.get("match_attributes", ("color", "shape"))
+    quality = "WER" if wer else f"{'+'.join(attributes)} named"
+    print(f"| strategy | seconds | {quality} | mean log-prob |")
     print("|---|---:|---:|---:|")
+    memory_key = module.model.input_key(module.model.decoder_memory)
     for name, kwargs in STRATEGIES.items():
         torch.manual_seed(0)
         start = time.perf_counter()
-        ids, logprobs, texts, metas = [], [], [], []
+        ids, logprobs, texts, metas, references = [], [], [], [], []
         for batch in batches:
-            memory = module.model.encode(module.model.decoder_memory, batch["image"])
+            memory = module.model.encode(module.model.decoder_memory, batch[memory_key])
             out_ids, out_lp = module.model.generate(
                 memory,
                 bos_id=tok.bos_id,
@@ -84,9 +92,13 @@ def main() -> None:
             logprobs.append(out_lp)
             texts += tok.decode_batch(out_ids)
             metas += batch["meta"]
+            references += batch["text"]
         seconds = time.perf_counter() - start
         results[name] = (ids, torch.cat(logprobs))
-        match = attribute_match_rate(texts, metas)
+        if wer:
+            match = word_error_rate(texts, references)
+        else:
+            match = attribute_match_rate(texts, metas, attributes)
         print(f"| {name} | {seconds:.2f} | {match:.3f} | {results[name][1].mean():.3f} |")
 
     same = all(
@@ -96,7 +108,7 @@ def main() -> None:
     )
     beam_ok = (results["beam 4"][1] >= results["greedy"][1] - 1e-5).float()
     print(f"\nKV-cached tokens == recomputed tokens: {same}")
-    print(f"beam 4 log-prob >= greedy log-prob: {int(beam_ok.sum())}/{len(beam_ok)} images")
+    print(f"beam 4 log-prob >= greedy log-prob: {int(beam_ok.sum())}/{len(beam_ok)} inputs")
 
 
 if __name__ == "__main__":

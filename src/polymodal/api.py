@@ -6,6 +6,7 @@ Checkpoints written by `polymodal-train` carry the resolved run config and the t
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from hydra.utils import instantiate
 from PIL import Image
 from torch import Tensor
 
-from polymodal.data.audio import AudioClips
+from polymodal.data.audio import MAX_CHANNELS, AudioClips, resample
 from polymodal.data.shards import (
     IMAGE_KEYS,
     TEXT_KEYS,
@@ -31,9 +32,11 @@ from polymodal.evaluation.zeroshot import build_zeroshot_classifier
 from polymodal.tasks.pretrain import PretrainModule
 from polymodal.utils.checkpoint import check_targets, read_checkpoint
 from polymodal.utils.cli import interactive, progress_bar
-from polymodal.utils.errors import ConfigError
+from polymodal.utils.errors import ConfigError, SkippedSample
 
-Clips = Sequence[str | Path | bytes | np.ndarray] | Tensor
+log = logging.getLogger(__name__)
+
+Clips = Sequence[str | Path | bytes | np.ndarray | Tensor] | Tensor
 
 
 class Polymodal:
@@ -77,30 +80,100 @@ class Polymodal:
         """L2-normalised image embeddings [N, D]."""
         return self.module.model.embed("image", self.preprocess(images))
 
-    def preprocess_audio(self, clips: Clips) -> Tensor:
-        """Spectrograms [N, 1, mels, frames] from audio files, their bytes, or mono waveforms
-        at `data.audio.sample_rate` (or an already preprocessed tensor)."""
+    def preprocess_audio(self, clips: Clips, sample_rate: int | None = None) -> Tensor:
+        """Spectrograms [N, 1, mels, frames] as the model saw them in evaluation.
+
+        `clips` is a list of audio files or their bytes (decoded by libsndfile) or of
+        waveforms at `sample_rate` (None: the checkpoint's `data.audio.sample_rate`; others
+        are resampled to it): 1-D arrays or tensors, or [samples, channels] arrays (as
+        soundfile reads them; mixed down). Or one tensor: [N, samples] mono waveforms, or
+        [N, 1, mels, frames] spectrograms already preprocessed (used as they are).
+        Only the first `data.audio.seconds` of each clip is used (the window the checkpoint
+        was trained on): files are decoded only that far, longer waveforms are cut with a
+        warning. A clip that cannot be used raises a ValueError naming it.
+        """
         if self.audio is None:
             raise ConfigError(
                 f"this checkpoint has no audio encoder ({self.module.model.modalities})"
             )
         if isinstance(clips, Tensor):
-            return clips.to(self.device)
-        waves = []
-        for clip in clips:
-            if isinstance(clip, np.ndarray):
-                waves.append(self.audio.fit(torch.from_numpy(clip.astype(np.float32))))
+            if clips.dim() == 4:
+                return clips.to(self.device)
+            if clips.dim() != 2:
+                raise ValueError(
+                    f"audio tensor of shape {tuple(clips.shape)}: expected waveforms "
+                    "[N, samples] or spectrograms [N, 1, mels, frames]"
+                )
+            clips = list(clips)
+        elif isinstance(clips, (str, Path, bytes, np.ndarray)):
+            raise ValueError(
+                f"clips: expected a list of clips, got one {type(clips).__name__} (pass [clip])"
+            )
+        if len(clips) == 0:
+            raise ValueError("no audio clips given")
+        rate = self.audio.sample_rate if sample_rate is None else sample_rate
+        waves, cut = [], 0
+        for index, clip in enumerate(clips):
+            if isinstance(clip, (str, Path, bytes)):
+                waves.append(self._read_clip(clip, index))
             else:
-                data = Path(clip).read_bytes() if isinstance(clip, (str, Path)) else clip
-                waves.append(self.audio.read(data))
+                wave = self._waveform(clip, index, rate)
+                cut += len(wave) > self.audio.length
+                waves.append(self.audio.fit(torch.from_numpy(wave)))
+        if cut:
+            seconds = self.audio.length / self.audio.sample_rate
+            log.warning(
+                "%d of %d audio clips are longer than the checkpoint's data.audio.seconds "
+                "(%g s, the window it was trained on): only their first %g s are used",
+                cut,
+                len(waves),
+                seconds,
+                seconds,
+            )
         return self.audio.features(torch.stack(waves)).to(self.device)
 
-    @torch.no_grad()
-    def encode_audio(self, clips: Clips) -> Tensor:
-        """L2-normalised audio embeddings [N, D]."""
-        return self.module.model.embed("audio", self.preprocess_audio(clips))
+    def _read_clip(self, clip: str | Path | bytes, index: int) -> Tensor:
+        """The waveform [length] of an encoded clip; a bad one is named (SkippedSample, as
+        the data pipeline raises it, names no file)."""
+        data = clip if isinstance(clip, bytes) else Path(clip).read_bytes()
+        try:
+            return self.audio.read(data)
+        except SkippedSample as err:
+            name = f"clip {index} (bytes)" if isinstance(clip, bytes) else f"file {clip}"
+            raise ValueError(f"cannot read audio {name}: {err.detail}") from err
 
-    def encode(self, inputs) -> Tensor:
+    def _waveform(self, clip: np.ndarray | Tensor, index: int, rate: int) -> np.ndarray:
+        """A given waveform at `rate` -> mono float32 at the checkpoint's rate, uncropped.
+        Integer samples are refused: their scale (e.g. int16 PCM) would silently shift
+        every log-mel value."""
+        if isinstance(clip, Tensor):
+            if clip.dim() != 1:  # torchaudio's [channels, samples] is not soundfile's order
+                raise ValueError(
+                    f"audio clip {index}: a waveform tensor must be 1-D (mono), got shape "
+                    f"{tuple(clip.shape)}"
+                )
+            clip = clip.detach().float().cpu().numpy()
+        wave = np.asarray(clip)
+        if not np.issubdtype(wave.dtype, np.floating):
+            raise ValueError(f"audio clip {index}: expected float samples, got {wave.dtype}")
+        if wave.ndim == 2 and 1 <= wave.shape[1] <= MAX_CHANNELS:
+            wave = wave.mean(axis=1)
+        if wave.ndim != 1:
+            raise ValueError(
+                f"audio clip {index}: expected a waveform [samples] or [samples, channels], "
+                f"got shape {wave.shape}"
+            )
+        if wave.size == 0:
+            raise ValueError(f"audio clip {index}: empty waveform (no samples)")
+        return resample(wave.astype(np.float32), rate, self.audio.sample_rate)
+
+    @torch.no_grad()
+    def encode_audio(self, clips: Clips, sample_rate: int | None = None) -> Tensor:
+        """L2-normalised audio embeddings [N, D] of the first `data.audio.seconds` of each
+        clip (the checkpoint's window; `preprocess_audio` says what clips can be)."""
+        return self.module.model.embed("audio", self.preprocess_audio(clips, sample_rate))
+
+    def encode(self, inputs: Sequence[Image.Image] | Clips) -> Tensor:
         """Embeddings of images or clips, whichever this checkpoint's `modality` is."""
         return self.encode_audio(inputs) if self.modality == "audio" else self.encode_image(inputs)
 
@@ -120,17 +193,18 @@ class Polymodal:
     @torch.no_grad()
     def zero_shot(
         self,
-        inputs: Sequence[Image.Image] | Clips,
+        images: Sequence[Image.Image] | Clips,
         class_names: Sequence[str],
         templates: Sequence[str] = ("{}",),
     ) -> Tensor:
-        """Class probabilities [N, C] of images or clips (the checkpoint's `modality`):
-        each class is the mean of its normalised prompt
+        """Class probabilities [N, C] of `images`, which are images or clips, whichever the
+        checkpoint's `modality` is (the name stays `images` for callers that pass it by
+        keyword): each class is the mean of its normalised prompt
         embeddings (CLIP's prompt ensemble), scored at the learned temperature (100 for a
         model trained without one). With a SigLIP bias the classes are independent
         sigmoids (SigLIP's zero-shot), else a softmax over classes."""
         classifier = build_zeroshot_classifier(self.encode_text, class_names, templates)
-        logits = self.encode(inputs).float() @ classifier.to(self.device).T
+        logits = self.encode(images).float() @ classifier.to(self.device).T
         model = self.module.model
         if model.logit_scale is None:
             return (100.0 * logits).softmax(dim=-1)
@@ -210,14 +284,19 @@ class Polymodal:
             "sounds": torch.stack([s["audio"] for s in kept]) if self.audio and kept else None,
         }
 
+    @torch.no_grad()
     def generate(
         self,
         images: Sequence[Image.Image] | Tensor | None = None,
         audio: Clips | None = None,
+        sample_rate: int | None = None,
         **kwargs,
     ) -> list[str]:
         """Captions of images or clips (for checkpoints with a decoder, which attends to
-        `model.decoder.memory`); kwargs as `PretrainModule.generate`."""
+        `model.decoder.memory`); `audio` and `sample_rate` as in `preprocess_audio` (only
+        the first `data.audio.seconds` of a clip is heard); kwargs as
+        `PretrainModule.generate`. Without gradients: the encoder's graph would otherwise
+        be kept in memory for the whole decoding."""
         model = self.module.model
         if (images is None) == (audio is None):
             raise ValueError("generate: pass images or audio")
@@ -226,14 +305,20 @@ class Polymodal:
             raise ConfigError(
                 f"this checkpoint's decoder attends to {model.decoder_memory}, not {given}"
             )
-        inputs = self.preprocess(images) if audio is None else self.preprocess_audio(audio)
+        if audio is None:
+            inputs = self.preprocess(images)
+        else:
+            inputs = self.preprocess_audio(audio, sample_rate)
         memory = model.encode(given, inputs)
         return self.module.generate(memory=memory, **kwargs)
 
-    def transcribe(self, clips: Clips, **kwargs) -> list[str]:
+    def transcribe(self, clips: Clips, sample_rate: int | None = None, **kwargs) -> list[str]:
         """Transcripts of speech clips (a speech-recognition checkpoint, e.g.
-        experiment=asr_spoken); kwargs as `PretrainModule.generate` (strategy, num_beams)."""
-        return self.generate(audio=clips, **kwargs)
+        experiment=asr_spoken); clips and `sample_rate` as in `preprocess_audio`. Only the
+        first `data.audio.seconds` of each clip (the checkpoint's window, 3 s for
+        asr_spoken) is transcribed: split longer speech first. kwargs as
+        `PretrainModule.generate` (strategy, num_beams)."""
+        return self.generate(audio=clips, sample_rate=sample_rate, **kwargs)
 
 
 def _sample_count(urls: Sequence[str]) -> int | None:

@@ -153,3 +153,55 @@ def test_spectrogram_pictures_put_low_frequencies_at_the_bottom():
     pixels = to_uint8(spec)
     assert pixels.shape == (1, 64, 100, 3) and pixels.dtype == np.uint8
     assert pixels[0, -8:].mean() > pixels[0, :-8].mean() + 100  # bright bottom rows
+
+
+def wav_with_header(rate: int, channels: int = 1, frames: int = 64) -> bytes:
+    """A small PCM WAV whose header declares `rate` and `channels` (as a hostile file may)."""
+    import struct
+
+    data = b"\x00\x00" * frames * channels
+    header = struct.pack(
+        "<4sI4s4sIHHIIHH4sI",
+        b"RIFF",
+        36 + len(data),
+        b"WAVE",
+        b"fmt ",
+        16,
+        1,
+        channels,
+        rate,
+        rate * channels * 2,
+        channels * 2,
+        16,
+        b"data",
+        len(data),
+    )
+    return header + data
+
+
+@pytest.mark.parametrize(
+    "rate, channels", [(2_147_483_647, 1), (499_999, 1), (100, 1), (16000, 64)]
+)
+def test_declared_rates_and_channels_out_of_range_are_refused_unread(rate, channels):
+    with pytest.raises(SkippedSample) as err:
+        read_audio(wav_with_header(rate, channels), 16000, max_seconds=600)
+    assert err.value.reason == "undecodable" and f"{rate} Hz x {channels} channels" in str(
+        err.value
+    )
+
+
+def test_an_odd_rate_resamples_by_fft_and_a_window_is_all_that_is_decoded():
+    wave = read_audio(encode(tone(440.0, 44_101, 1.0), 44_101, "WAV"), 16000, 10)
+    assert abs(len(wave) - 16000) <= 1 and abs(peak_hz(wave, 16000) - 440.0) < 2.0
+    long = encode(tone(440.0, 16000, 30.0), 16000, "FLAC")
+    window = read_audio(long, 16000, max_seconds=60, seconds=1.5, crop="random")
+    assert window.shape == (24000,)
+
+
+def test_non_finite_samples_refuse_the_clip():
+    wave = tone(440.0, 16000, 0.5)
+    wave[100] = np.nan
+    buffer = io.BytesIO()
+    soundfile.write(buffer, wave, 16000, format="WAV", subtype="FLOAT")
+    with pytest.raises(SkippedSample, match="not finite"):
+        read_audio(buffer.getvalue(), 16000, max_seconds=10)

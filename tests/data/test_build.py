@@ -366,3 +366,32 @@ def test_more_workers_write_the_same_shards(tmp_path):
     assert run_cli(*common, "--out", tmp_path / "three", "--workers", "3") == 0
     for shard in sorted((tmp_path / "one").glob("*.tar")):
         assert (tmp_path / "three" / shard.name).read_bytes() == shard.read_bytes()
+
+
+def test_audio_build_takes_every_extension_training_reads(tmp_path):
+    """.ogg and .mp3 clips are kept as they are, and training's decoder reads them back."""
+    import numpy as np
+    import soundfile
+
+    from polymodal.data.audio import AudioClips
+    from polymodal.data.shards import SampleDecoder
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    tone = 0.5 * np.sin(np.linspace(0, 440 * 2 * np.pi, 16000)).astype("float32")
+    soundfile.write(clips / "v.ogg", tone, 16000, format="OGG", subtype="VORBIS")
+    soundfile.write(clips / "m.mp3", tone, 16000, format="MP3", subtype="MPEG_LAYER_III")
+    rows = [{"audio": "v.ogg", "caption": "a vorbis tone"}, {"audio": "m.mp3", "caption": "an mp3"}]
+    write_table(rows, tmp_path / "captions.csv")
+    out = tmp_path / "shards"
+    args = ["build", "--audio-root", clips, "--captions", tmp_path / "captions.csv"]
+    assert run_cli(*args, "--out", out) == 0
+    samples = read_with_webdataset(str(out / "shard-000000.tar"))
+    assert samples[0]["ogg"] == (clips / "v.ogg").read_bytes()
+    assert samples[1]["mp3"] == (clips / "m.mp3").read_bytes()
+    decoder = SampleDecoder(modalities=("audio", "text"), audio=AudioClips(False))
+    for sample, caption in zip(samples, ["a vorbis tone", "an mp3"], strict=True):
+        members = {k: v for k, v in sample.items() if not k.startswith("__")}
+        decoded = decoder.decode(members)
+        assert decoded["text"] == caption
+        assert decoded["audio"].shape == (32000,) and decoded["audio"].abs().max() > 0.1

@@ -51,7 +51,7 @@ def test_verify_reads_every_sample_of_a_sounds_dataset(sounds, capsys):
 
 
 def test_verify_reports_bad_clips_as_training_skips_them(sounds, tmp_path, capsys):
-    """A corrupt .flac, a clip whose header declares 601 s (8 Hz: a 114-byte file) and a
+    """A corrupt .flac, a clip whose header declares 601 s (silence at 1 kHz: a small file) and a
     sample without audio: one line each, exit code 1, and training skips the same three
     with the reasons undecodable, audio_too_long and no_audio."""
     good = a_good_sample(sounds)
@@ -61,7 +61,7 @@ def test_verify_reports_bad_clips_as_training_skips_them(sounds, tmp_path, capsy
             ("silent.txt", b"a caption without its clip"),  # first: detection looks further
             ("corrupt.flac", good["flac"][:200]),
             ("corrupt.txt", b"a cut-off clip"),
-            ("long.flac", flac(np.zeros(601 * 8, dtype=np.float32), 8)),
+            ("long.flac", flac(np.zeros(601 * 1000, dtype=np.float32), 1000)),
             ("long.txt", b"ten minutes of nothing"),
             ("good.flac", good["flac"]),
             ("good.txt", good["txt"]),
@@ -71,7 +71,8 @@ def test_verify_reports_bad_clips_as_training_skips_them(sounds, tmp_path, capsy
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"{shard}:silent: no audio member (flac, wav, mp3, ogg)"
     assert lines[1].startswith(f"{shard}:corrupt: .flac: corrupt audio (")
-    assert lines[2] == f"{shard}:long: .flac: 4808 samples at 8 Hz > data.audio.max_seconds 600.0"
+    expected = f"{shard}:long: .flac: 601000 samples at 1000 Hz > data.audio.max_seconds 600.0"
+    assert lines[2] == expected
     assert lines[3:] == ["verify: 1 good samples, 3 bad, in 1 shards (read as audio,text)"]
 
     skip = SkipPolicy(quiet=True)
@@ -90,6 +91,7 @@ def test_inspect_draws_a_spectrogram_per_clip(sounds, tmp_path, capsys):
     assert out.count('"audio_seconds": 2.0, "sample_rate": 16000') == 2
     assert f"contact sheet of 10 spectrograms: {sheet}" in out
 
+    colours = np.asarray(Image.open(sheet).convert("RGB")).astype(int)
     pixels = np.asarray(Image.open(sheet).convert("L"))
     thumb, row = 128, 128 + 36
     assert pixels.shape == (3 * row, 4 * thumb)  # 10 tiles, 4 a row
@@ -97,6 +99,8 @@ def test_inspect_draws_a_spectrogram_per_clip(sounds, tmp_path, capsys):
         y, x = (i // 4) * row, (i % 4) * thumb
         tile = pixels[y : y + thumb, x : x + thumb]
         assert tile.min() < 64 and tile.std() > 10, f"tile {i} is blank"
+        red, blue = colours[y : y + thumb, x : x + thumb, [0, 2]].transpose(2, 0, 1)
+        assert (red - blue).std() > 10, f"tile {i} is not in the colour map"
         assert (pixels[y + thumb : y + row, x : x + thumb] < 128).any(), f"caption {i}"
     assert (pixels[2 * row :, 2 * thumb :] == 255).all()  # no tiles 11 and 12
 

@@ -14,10 +14,7 @@ import io
 import math
 
 import numpy as np
-import soundfile
 import torch
-from nnAudio.features import MelSpectrogram
-from scipy.signal import resample_poly
 from torch import Tensor, nn
 
 from polymodal.utils.errors import SkippedSample
@@ -27,32 +24,76 @@ AUDIO_KEYS = ("flac", "wav", "mp3", "ogg")
 PAD_MODES = ("repeatpad", "repeat", "pad")
 CROP_MODES = ("random", "start")
 DEFAULT_MAX_AUDIO_SECONDS = 600.0  # a declared length over this is refused before decoding
+# what a clip's header may declare: anything else is refused before a sample is decoded
+RATE_RANGE = (1_000, 384_000)
+MAX_CHANNELS = 8
+# rate ratios up to this (after dividing by their gcd: 44.1 kHz -> 16 kHz is 160/441) use
+# the polyphase filter; odder ratios the FFT, whose cost does not grow with the ratio
+MAX_POLYPHASE_FACTOR = 1000
 
 
-def read_audio(data: bytes, sample_rate: int, max_seconds: float) -> np.ndarray:
-    """Mono float32 samples at `sample_rate` of an encoded clip. The length its header
-    declares is checked before anything is decoded (a small file from elsewhere may declare
-    hours); undecodable bytes raise SkippedSample."""
+def read_audio(
+    data: bytes,
+    sample_rate: int,
+    max_seconds: float,
+    seconds: float | None = None,
+    crop: str = "start",
+) -> np.ndarray:
+    """Mono float32 samples at `sample_rate` of an encoded clip: with `seconds`, only a
+    window of that length is decoded (`crop="random"`: at a random offset drawn from
+    torch's generator; `"start"`: the first), so a long clip costs what a short one does.
+
+    A clip is input from elsewhere: its header's rate, channels and length are checked
+    before anything is decoded (a 2 KB file may declare 2 GHz or hours of 8 channels),
+    and samples that are not finite (a float WAV may hold NaN) refuse the clip, since one
+    would turn a whole batch's loss into NaN. Bad clips raise SkippedSample.
+    """
+    import soundfile  # libsndfile: loaded by processes that read audio only
+
     try:
         with soundfile.SoundFile(io.BytesIO(data)) as clip:
-            rate, frames = clip.samplerate, clip.frames
-            if rate <= 0 or frames / rate > max_seconds:
+            rate, frames, channels = clip.samplerate, clip.frames, clip.channels
+            if not RATE_RANGE[0] <= rate <= RATE_RANGE[1] or not 1 <= channels <= MAX_CHANNELS:
+                raise SkippedSample(
+                    "undecodable",
+                    f"{rate} Hz x {channels} channels (readable: {RATE_RANGE[0]}-"
+                    f"{RATE_RANGE[1]} Hz, 1-{MAX_CHANNELS} channels)",
+                )
+            if frames / rate > max_seconds:
                 raise SkippedSample(
                     "audio_too_long",
                     f"{frames} samples at {rate} Hz > data.audio.max_seconds {max_seconds}",
                 )
-            wave = clip.read(dtype="float32", always_2d=True)
+            count = frames
+            if seconds is not None:
+                count = min(frames, math.ceil(seconds * rate))
+                if frames > count and crop == "random":
+                    clip.seek(int(torch.randint(frames - count + 1, ())))
+            wave = clip.read(count, dtype="float32", always_2d=True)
     except SkippedSample:
         raise
     except Exception as exc:  # noqa: BLE001 - libsndfile's errors are all "bad clip"
         raise SkippedSample("undecodable", f"corrupt audio ({type(exc).__name__})") from exc
     if wave.shape[0] == 0:
         raise SkippedSample("empty_audio", "audio clip with no samples")
-    wave = wave.mean(axis=1)
-    if rate != sample_rate:
-        common = math.gcd(rate, sample_rate)
-        wave = resample_poly(wave, sample_rate // common, rate // common).astype(np.float32)
-    return wave
+    if not np.isfinite(wave).all():
+        raise SkippedSample("undecodable", "audio samples that are not finite (NaN, inf)")
+    return resample(wave.mean(axis=1), rate, sample_rate)
+
+
+def resample(wave: np.ndarray, rate: int, sample_rate: int) -> np.ndarray:
+    """Mono `wave` at `rate` -> float32 at `sample_rate` (scipy: polyphase filter for
+    common rate pairs, FFT for odd ones)."""
+    if rate == sample_rate:
+        return wave.astype(np.float32, copy=False)
+    from scipy.signal import resample as fft_resample
+    from scipy.signal import resample_poly
+
+    common = math.gcd(rate, sample_rate)
+    up, down = sample_rate // common, rate // common
+    if max(up, down) <= MAX_POLYPHASE_FACTOR:
+        return resample_poly(wave, up, down).astype(np.float32)
+    return fft_resample(wave, max(1, round(len(wave) * sample_rate / rate))).astype(np.float32)
 
 
 def fit_length(wave: Tensor, length: int, crop: str, pad: str) -> Tensor:
@@ -99,6 +140,8 @@ class LogMel(nn.Module):
         f_max: float | None = None,
     ) -> None:
         super().__init__()
+        from nnAudio.features import MelSpectrogram  # loaded by processes that read audio only
+
         self.hop_length = hop_length
         self.mel = MelSpectrogram(
             sr=sample_rate,
@@ -169,12 +212,20 @@ class AudioClips:
         self.pad = pad
         fit_length(torch.zeros(1), 1, self.crop, pad)  # check the modes now, in one line
         self.keys = tuple(keys)
-        self.augment = dict(spec_augment or {}) if train else {}
+        augment = dict(spec_augment or {})
+        expected = {"freq_masks", "freq_width", "time_masks", "time_width"}
+        if augment and set(augment) != expected:
+            raise ValueError(
+                f"spec_augment needs exactly {sorted(expected)}, got {sorted(augment)}"
+            )
+        self.augment = augment if train else {}
         self.log_mel = LogMel(sample_rate, n_fft, hop_length, n_mels, f_min, f_max)
 
     def read(self, data: bytes) -> Tensor:
-        """An encoded clip -> its mono waveform [length]."""
-        return self.fit(torch.from_numpy(read_audio(data, self.sample_rate, self.max_seconds)))
+        """An encoded clip -> its mono waveform [length] (only that window is decoded)."""
+        seconds = self.length / self.sample_rate
+        wave = read_audio(data, self.sample_rate, self.max_seconds, seconds, self.crop)
+        return self.fit(torch.from_numpy(wave))
 
     def fit(self, wave: Tensor) -> Tensor:
         """A mono waveform at `sample_rate` cropped or padded to [length]."""
@@ -185,3 +236,16 @@ class AudioClips:
         if self.augment:
             spec = spec_augment(spec, **self.augment)
         return spec
+
+
+def spectrogram_pixels(spectrograms: Tensor, colormap: str = "magma") -> np.ndarray:
+    """Pictures of log-mel spectrograms [N, 1, mels, frames] -> RGB uint8 [N, mels,
+    frames, 3]: low frequencies at the bottom, each clip scaled to its own range (what
+    contact sheets and retrieval pictures show)."""
+    from matplotlib import colormaps
+
+    spectrograms = spectrograms.detach().float().cpu()[:, 0].flip(1)  # row 0 = highest mel
+    low = spectrograms.amin(dim=(1, 2), keepdim=True)
+    high = spectrograms.amax(dim=(1, 2), keepdim=True)
+    scaled = ((spectrograms - low) / (high - low).clamp(min=1e-6)).numpy()
+    return (colormaps[colormap](scaled)[..., :3] * 255).round().astype(np.uint8)

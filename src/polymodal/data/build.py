@@ -1,7 +1,7 @@
 """`polymodal-data build`: webdataset shards from caption tables, COCO/Flickr caption JSON
 or audio clips with a caption table.
 
-Every input row becomes samples `{key}.jpg|png|webp` (or `{key}.flac|wav`), `{key}.txt`,
+Every input row becomes samples `{key}.jpg|png|webp` (or `{key}.flac|wav|mp3|ogg`), `{key}.txt`,
 `{key}.json` (the source row, image id, original size or sample rate and duration,
 license fields), or is skipped with a reason written to
 `skipped.jsonl` (`--strict` makes the first one an error naming the row). Shard `i` holds
@@ -24,6 +24,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from polymodal.data.audio import AUDIO_KEYS
 from polymodal.data.meta import IMAGE_ID
 from polymodal.data.shards import DEFAULT_MAX_PIXELS
 from polymodal.data.tokenizer import train_tokenizer
@@ -33,7 +34,6 @@ from polymodal.utils.errors import ConfigError, SkippedSample
 from polymodal.utils.files import atomic_file, remove_stale_temps
 
 IMAGE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
-AUDIO_FORMATS = ("flac", "wav")
 
 
 @dataclass
@@ -183,15 +183,16 @@ def encode_image(path: str, encoding: Encoding) -> tuple[bytes, tuple[int, int]]
 
 
 def read_audio(path: str) -> tuple[bytes, str, dict]:
-    """The clip's bytes as they are (wav or flac), its extension and its properties; the
-    whole clip is decoded once so a corrupt or truncated file is caught here."""
+    """The clip's bytes as they are (any extension training reads: AUDIO_KEYS), its
+    extension and its properties; the whole clip is decoded once so a corrupt or truncated
+    file is caught here."""
     import soundfile  # imported here: only audio builds need libsndfile
 
     if not os.path.isfile(path):
         raise SkippedSample("missing_audio", f"no file {path}")
     extension = Path(path).suffix.lower().lstrip(".")
-    if extension not in AUDIO_FORMATS:
-        raise SkippedSample("unreadable_audio", f"{path}: not one of {AUDIO_FORMATS}")
+    if extension not in AUDIO_KEYS:
+        raise SkippedSample("unreadable_audio", f"{path}: not one of {AUDIO_KEYS}")
     try:
         data, sample_rate = soundfile.read(path, always_2d=True)
     except (RuntimeError, soundfile.LibsndfileError, OSError) as err:

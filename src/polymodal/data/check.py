@@ -10,10 +10,9 @@ from itertools import islice
 from pathlib import Path
 
 import soundfile
-import torch
 from PIL import Image, ImageDraw
 
-from polymodal.data.audio import AUDIO_KEYS, AudioClips
+from polymodal.data.audio import AUDIO_KEYS, AudioClips, spectrogram_pixels
 from polymodal.data.shards import (
     IMAGE_KEYS,
     META_KEY,
@@ -123,20 +122,11 @@ def describe(key: str, members: dict[str, bytes], decoder: SampleDecoder = DECOD
     return entry
 
 
-def spectrogram_tile(wave: torch.Tensor, clips: AudioClips, thumb: int) -> Image.Image:
-    """A clip's log-mel spectrogram (what the audio tower sees, before SpecAugment) as a
-    `thumb` square, low frequencies at the bottom, the clip's peak black and its floor (8
-    decades down, 2 in LogMel's units) white: dark on white, as the captions are."""
-    spec = clips.log_mel(wave[None])[0, 0].flip(0)  # [n_mels, frames]
-    gray = ((spec.amax() - spec) / 2.0 * 255.0).round().to(torch.uint8).numpy()
-    return Image.fromarray(gray, "L").resize((thumb, thumb)).convert("RGB")
-
-
 def _tiles(
     shards: Sequence[str], decoder: SampleDecoder, thumb: int
 ) -> Iterator[tuple[Image.Image, str]]:
     """(tile, caption) of each good sample: its image as a thumbnail, else its clip's
-    spectrogram."""
+    log-mel spectrogram (what the audio tower sees, before SpecAugment) as a square."""
     split_key = KeySplitter(decoder.extensions)
     for shard in shards:
         for _, members, error in read_samples(shard, split_key):
@@ -150,7 +140,8 @@ def _tiles(
                 tile = sample["image"]
                 tile.thumbnail((thumb, thumb))
             else:
-                tile = spectrogram_tile(sample["audio"], decoder.audio, thumb)
+                spectrogram = decoder.audio.log_mel(sample["audio"][None])
+                tile = Image.fromarray(spectrogram_pixels(spectrogram)[0]).resize((thumb, thumb))
             yield tile, sample["text"]
 
 

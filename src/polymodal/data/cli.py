@@ -156,7 +156,9 @@ def _add_build_parser(subparsers: argparse._SubParsersAction) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", type=Path, help="CSV, TSV, JSONL or parquet caption table")
     source.add_argument("--coco", type=Path, help="COCO captions or Karpathy-split JSON")
-    source.add_argument("--audio-root", type=Path, help="audio clips (wav/flac); use --captions")
+    source.add_argument(
+        "--audio-root", type=Path, help="audio clips (flac, wav, mp3, ogg); use --captions"
+    )
     parser.add_argument("--captions", type=Path, help="caption table of --audio-root clips")
     parser.add_argument("--audio-column", default="audio", help="table column of clip paths")
     parser.add_argument("--image-root", type=Path, default=Path("."), help="image paths base")

@@ -131,6 +131,8 @@ class WebDataModule(L.LightningDataModule):
         self.zeroshot = zeroshot
         self.worker_start_method = worker_start_method
         self.modalities, self.audio = tuple(modalities), dict(audio or {})
+        if "audio" in self.modalities:
+            self.audio_clips(train=True)  # a bad data.audio setting fails now, in one line
         self.counts: dict[tuple[str, ...], list[int]] = {}  # shard list -> sizes, read once
         self.tokenizer: TextTokenizer | None = None
         # the training stream's position: the last trained batch of each loader worker

@@ -28,6 +28,7 @@ from polymodal.data.writing import (
     locks_dataset,
     plan_shards,
     run_shard_jobs,
+    sample_rng,
     write_json,
 )
 from polymodal.utils.files import remove_stale_temps
@@ -54,7 +55,6 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "position": POSITIONS,
 }
 
-SPLITS = ("train", "val", "test")
 SHARD_PREFIX = "shapes-"
 
 # Object extent as a fraction of the image side; the gap between the jittered ranges keeps the
@@ -316,11 +316,6 @@ def render_sample(rng: np.random.Generator, image_size: int = 64) -> tuple[Image
     return Image.fromarray(pixels, "RGB"), caption, attributes
 
 
-def _sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
-    """Per-sample generator, so output does not depend on sharding or worker count."""
-    return np.random.default_rng(np.random.SeedSequence([seed, SPLITS.index(split), index]))
-
-
 def _encode_image(image: Image.Image, image_format: str) -> bytes:
     buffer = io.BytesIO()
     if image_format == "png":
@@ -337,7 +332,7 @@ def _write_shard(
     captions = []
     with atomic_tar(path) as tar:
         for index in range(start, start + count):
-            image, caption, attributes = render_sample(_sample_rng(seed, split, index), image_size)
+            image, caption, attributes = render_sample(sample_rng(seed, split, index), image_size)
             media = _encode_image(image, image_format)
             add_sample(tar, f"{split}_{index:08d}", image_format, media, caption, attributes)
             captions.append(caption)

@@ -15,20 +15,20 @@ from __future__ import annotations
 
 import functools
 import inspect
-import io
 from pathlib import Path
 
 import numpy as np
-import soundfile
 
-from polymodal.data.shapes import _sample_rng, ensure_dataset
+from polymodal.data.shapes import ensure_dataset
 from polymodal.data.tokenizer import train_tokenizer
 from polymodal.data.writing import (
     add_sample,
     atomic_tar,
+    encode_flac,
     locks_dataset,
     plan_shards,
     run_shard_jobs,
+    sample_rng,
     write_json,
 )
 from polymodal.utils.files import remove_stale_temps
@@ -305,12 +305,6 @@ def render_clip(
     return np.clip(clip, -1, 1), caption, attributes
 
 
-def _encode_flac(waveform: np.ndarray, sample_rate: int) -> bytes:
-    buffer = io.BytesIO()
-    soundfile.write(buffer, waveform, sample_rate, format="FLAC", subtype="PCM_16")
-    return buffer.getvalue()
-
-
 def _write_shard(
     path: Path, split: str, start: int, count: int, seed: int, sample_rate: int, seconds: float
 ) -> list[str]:
@@ -318,9 +312,9 @@ def _write_shard(
     captions = []
     with atomic_tar(path) as tar:
         for index in range(start, start + count):
-            rng = _sample_rng(seed, split, index)
+            rng = sample_rng(seed, split, index)
             waveform, caption, attributes = render_clip(rng, sample_rate, seconds)
-            media = _encode_flac(waveform, sample_rate)
+            media = encode_flac(waveform, sample_rate)
             add_sample(tar, f"{split}_{index:08d}", "flac", media, caption, attributes)
             captions.append(caption)
     return captions

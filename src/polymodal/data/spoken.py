@@ -29,11 +29,14 @@ from scipy.signal import resample_poly
 from polymodal.data.shapes import ensure_dataset
 from polymodal.data.tokenizer import train_tokenizer
 from polymodal.data.writing import (
+    SPLITS,
     add_sample,
     atomic_tar,
+    encode_flac,
     locks_dataset,
     plan_shards,
     run_shard_jobs,
+    sample_rng,
     write_json,
 )
 from polymodal.utils.errors import ConfigError
@@ -41,7 +44,6 @@ from polymodal.utils.files import remove_stale_temps
 
 GENERATOR_VERSION = 1
 
-SPLITS = ("train", "val", "test")
 SHARD_PREFIX = "spoken-"
 KINDS = ("digits", "phrase")
 
@@ -171,17 +173,6 @@ def render_clip(rng: np.random.Generator, text: str, sample_rate: int) -> tuple[
     return pcm, {**meta, "seconds": round(seconds, 3)}
 
 
-def _encode_flac(pcm: np.ndarray, sample_rate: int) -> bytes:
-    buffer = io.BytesIO()
-    soundfile.write(buffer, pcm, sample_rate, format="FLAC", subtype="PCM_16")
-    return buffer.getvalue()
-
-
-def _sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
-    """Per-sample generator, so output does not depend on sharding or worker count."""
-    return np.random.default_rng(np.random.SeedSequence([seed, SPLITS.index(split), index]))
-
-
 def _write_shard(
     path: Path, split: str, start: int, count: int, seed: int, sample_rate: int
 ) -> list[tuple[str, str]]:
@@ -189,10 +180,10 @@ def _write_shard(
     transcripts = []
     with atomic_tar(path) as tar:
         for index in range(start, start + count):
-            rng = _sample_rng(seed, split, index)
+            rng = sample_rng(seed, split, index)
             text, kind = draw_transcript(rng, split)
             pcm, meta = render_clip(rng, text, sample_rate)
-            flac = _encode_flac(pcm, sample_rate)
+            flac = encode_flac(pcm, sample_rate)
             meta = {"text": text, "kind": kind, **meta}
             add_sample(tar, f"{split}_{index:08d}", "flac", flac, text, meta)
             transcripts.append((text, kind))

@@ -16,10 +16,28 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import NamedTuple, TypeVar
 
+import numpy as np
+
 from polymodal.utils.files import atomic_file, atomic_write_text, file_lock, remove_stale_temps
 
 LOCK_NAME = ".lock"  # in a dataset directory: held while it is checked or written
+SPLITS = ("train", "val", "test")
 T = TypeVar("T")
+
+
+def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """The generator of sample `index` of `split`, seeded by (seed, split, index) alone, so a
+    generated dataset does not depend on sharding or worker count."""
+    return np.random.default_rng(np.random.SeedSequence([seed, SPLITS.index(split), index]))
+
+
+def encode_flac(wave: np.ndarray, sample_rate: int) -> bytes:
+    """A mono clip (float in [-1, 1] or int16) as 16-bit FLAC bytes."""
+    import soundfile  # imported here: only audio datasets need libsndfile
+
+    buffer = io.BytesIO()
+    soundfile.write(buffer, wave, sample_rate, format="FLAC", subtype="PCM_16")
+    return buffer.getvalue()
 
 
 def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:

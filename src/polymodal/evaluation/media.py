@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 from torch import Tensor
 
+from polymodal.data.audio import spectrogram_pixels
 from polymodal.data.transforms import CLIP_MEAN, CLIP_STD
 
 if TYPE_CHECKING:
@@ -57,13 +57,8 @@ def to_uint8(images: Tensor) -> np.ndarray:
     normalisation undone, or log-mel spectrograms [N, 1, mels, frames] in a colour map
     (low frequencies at the bottom) -> [N, H, W, 3]."""
     if images.shape[1] == 1:
-        spectrograms = images.detach().float().cpu()[:, 0].flip(1)  # row 0 = highest mel
-        low, high = (
-            spectrograms.amin(dim=(1, 2), keepdim=True),
-            spectrograms.amax(dim=(1, 2), keepdim=True),
-        )
-        scaled = ((spectrograms - low) / (high - low).clamp(min=1e-6)).numpy()
-        return (colormaps["magma"](scaled)[..., :3] * 255).round().astype(np.uint8)
+        return spectrogram_pixels(images)
+
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     pixels = (images.detach().float().cpu() * std + mean).clamp(0, 1) * 255

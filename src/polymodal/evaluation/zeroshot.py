@@ -23,12 +23,12 @@ SPEC_KEYS = ("classes", "templates", "phrases")
 @dataclass
 class ZeroShotTask:
     """One attribute's zero-shot classification: class names in label order, prompt
-    templates (`{}` is the class's phrase) and phrases (class name -> words; default the
-    name itself)."""
+    templates (`{}` is the class's phrase) and phrases (class name -> words, or a list of
+    wordings whose prompts are all averaged; default the name itself)."""
 
     classes: list[str]
     templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
-    phrases: dict[str, str] = field(default_factory=dict)
+    phrases: dict[str, str | list[str]] = field(default_factory=dict)
 
 
 def read_classes(
@@ -97,22 +97,31 @@ def zeroshot_tasks(
             raise ConfigError(
                 f"{where}.{attribute}.templates: each needs '{{}}' for the class, got {templates}"
             )
-        tasks[attribute] = ZeroShotTask(classes, templates, dict(entry.get("phrases") or {}))
+        phrases = dict(entry.get("phrases") or {})
+        for name, words in phrases.items():
+            wordings = [words] if isinstance(words, str) else words
+            if not wordings or not all(isinstance(w, str) and w for w in wordings):
+                raise ConfigError(
+                    f"{where}.{attribute}.phrases.{name}: words or a list of wordings, got "
+                    f"{words!r}"
+                )
+        tasks[attribute] = ZeroShotTask(classes, templates, phrases)
     return tasks
 
 
 @torch.no_grad()
 def build_zeroshot_classifier(
     encode_text: Callable[[list[str]], Tensor],
-    class_names: Sequence[str],
+    class_names: Sequence[str | Sequence[str]],
     templates: Sequence[str],
 ) -> Tensor:
     """Return a [C, D] float32 classifier: one L2-normalised text embedding per class.
 
     Each class embedding is the mean of its normalised prompt embeddings (one prompt per
-    template, e.g. "a photo of a {}."), normalised again. Averaging directions rather than raw
-    embeddings keeps one high-norm prompt from dominating the ensemble (CLIP's recipe).
-    `encode_text` is called once per class with all of that class's prompts.
+    template and wording: a class given as a list of wordings, e.g. "two beeps", "two
+    chimes", is the ensemble over all of them), normalised again. Averaging directions
+    rather than raw embeddings keeps one high-norm prompt from dominating the ensemble
+    (CLIP's recipe). `encode_text` is called once per class with all of its prompts.
     """
     if not class_names:
         raise ValueError("class_names is empty")
@@ -124,8 +133,9 @@ def build_zeroshot_classifier(
 
     weights = []
     for name in class_names:
-        prompt_emb = encode_text([template.format(name) for template in templates])
-        prompt_emb = F.normalize(prompt_emb.float(), dim=-1)
+        wordings = [name] if isinstance(name, str) else list(name)
+        prompts = [template.format(w) for w in wordings for template in templates]
+        prompt_emb = F.normalize(encode_text(prompts).float(), dim=-1)
         weights.append(F.normalize(prompt_emb.mean(dim=0), dim=-1))
     return torch.stack(weights)
 

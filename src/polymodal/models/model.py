@@ -70,13 +70,14 @@ def stem_class(name: str, spec: Mapping) -> tuple[type[Stem], dict]:
 
 
 def select_stems(stems: Mapping[str, Mapping], modalities: Sequence[str] | None) -> dict:
-    """The stems of `modalities` (None: all), in that order."""
+    """The stems of `modalities` (None: all), in `model.stems` order: the order modules
+    are built in, which fixes a seed's initial weights."""
     if modalities is None:
         return dict(stems)
     missing = [m for m in modalities if m not in stems]
     if missing or not modalities:
         raise ConfigError(f"model.modalities: {missing or '[]'} (model.stems has {list(stems)})")
-    return {m: stems[m] for m in modalities}
+    return {m: spec for m, spec in stems.items() if m in modalities}
 
 
 def build_encoders(
@@ -124,8 +125,9 @@ class PolymodalModel(nn.Module):
         if vocab_size is None:
             raise ConfigError("model.vocab_size is unset: it must cover the tokenizer")
         self.sharing, self.vocab_size, self.embed_dim = sharing, vocab_size, embed_dim
-        stems, towers, trunk = (plain_dict(c) for c in (stems, towers, trunk))
-        stems = select_stems(stems, modalities)
+        # only the built stems are resolved: an unused one may refer to absent data config
+        stems = {m: plain_dict(spec) for m, spec in select_stems(stems, modalities).items()}
+        towers, trunk = plain_dict(towers), plain_dict(trunk)
         self.encoders, self.encoder_of = build_encoders(sharing, stems, towers, trunk)
         self.projections = nn.ModuleDict(
             {m: nn.Linear(self.width(m), embed_dim, bias=False) for m in self.encoder_of}
@@ -143,9 +145,10 @@ class PolymodalModel(nn.Module):
             self.logit_bias = nn.Parameter(torch.full((1,), -10.0 if bias is None else float(bias)))
         self.fusion = self.decoder = self.itm_head = self.mlm_head = self.mim_decoder = None
         fusion, decoder = plain_dict(fusion), plain_dict(decoder)
-        # which modality's tokens the fusion encoder and the decoder attend to
-        self.fusion_memory = fusion.pop("memory", "image")
-        self.decoder_memory = decoder.pop("memory", "image")
+        # which modality's tokens the fusion encoder and the decoder attend to (None: the
+        # model's first modality besides text, as contrastive pairs default to)
+        self.fusion_memory = fusion.pop("memory", None) or self.paired_modality
+        self.decoder_memory = decoder.pop("memory", None) or self.paired_modality
         if "fusion" in self.parts:
             self.fusion = FusionEncoder(
                 width=self.width("text"), memory_dim=self.width(self.fusion_memory), **fusion
@@ -195,6 +198,13 @@ class PolymodalModel(nn.Module):
     @property
     def modalities(self) -> list[str]:
         return list(self.encoder_of)
+
+    @property
+    def paired_modality(self) -> str:
+        """What this model's texts describe: its first modality besides text (image, or
+        audio for `model.modalities=[audio, text]`); the default of contrastive pairs, the
+        fusion encoder's and the decoder's memory, and of validation."""
+        return next((m for m in self.modalities if m != "text"), "text")
 
     def encoder(self, modality: str) -> nn.Module:
         if modality not in self.encoder_of:

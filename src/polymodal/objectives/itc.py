@@ -69,17 +69,18 @@ class ITCObjective(Objective):
 
     def __init__(
         self,
-        modalities: tuple[str, str] = ("image", "text"),
+        modalities: tuple[str, str] | None = None,
         local_loss: bool = True,
         gather_with_grad: bool = True,
     ):
         super().__init__()
-        self.modalities = tuple(modalities)
+        # None: (the model's paired modality, text), e.g. (audio, text) for an audio model
+        self.modalities = None if modalities is None else tuple(modalities)
         self.local_loss, self.gather_with_grad = local_loss, gather_with_grad
 
     def forward(self, cache: EncodingCache) -> ObjectiveOutput:
         scale, _ = cache.model.contrastive_scale()
-        first, second = self.modalities
+        first, second = self.modalities or (cache.model.paired_modality, "text")
         loss = clip_loss(
             cache.embedding(first),
             cache.embedding(second),

@@ -63,13 +63,14 @@ class SigLIPObjective(Objective):
     parts = ("logit_scale", "logit_bias")
     part_defaults = {"logit_scale": {"init": 10.0}, "logit_bias": {"init": -10.0}}
 
-    def __init__(self, modalities: tuple[str, str] = ("image", "text")):
+    def __init__(self, modalities: tuple[str, str] | None = None):
         super().__init__()
-        self.modalities = tuple(modalities)
+        # None: (the model's paired modality, text), e.g. (audio, text) for an audio model
+        self.modalities = None if modalities is None else tuple(modalities)
 
     def forward(self, cache: EncodingCache) -> ObjectiveOutput:
         scale, bias = cache.model.contrastive_scale()
-        first, second = self.modalities
+        first, second = self.modalities or (cache.model.paired_modality, "text")
         loss = siglip_loss(
             cache.embedding(first), cache.embedding(second), scale, bias, distributed=self.training
         )

@@ -29,5 +29,6 @@ def optimized_metric(cfg: DictConfig) -> str:
 
 
 def metric_mode(name: str) -> str:
-    """`min` for losses and ranks (`val/loss`, `val/retrieval/i2t_mean_rank`), else `max`."""
-    return "min" if name.endswith(("loss", "_rank")) else "max"
+    """`min` for losses, ranks and error rates (`val/loss`, `val/retrieval/i2t_mean_rank`,
+    `val/caption/wer`), else `max`."""
+    return "min" if name.endswith(("loss", "_rank", "wer")) else "max"
