@@ -60,5 +60,5 @@ def spoken_dir(tmp_path_factory, requires_espeak) -> Path:
     from polymodal.data.spoken import write_spoken
 
     root = tmp_path_factory.mktemp("spoken")
-    write_spoken(root, num_train=64, num_val=32, num_test=16, shard_size=32, seed=0)
+    write_spoken(root, num_train=160, num_val=32, num_test=16, shard_size=64, seed=0)
     return root
