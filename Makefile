@@ -6,13 +6,17 @@ STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup train test test-all lint format bench clean
+.PHONY: setup train test test-all lint format bench clean install-espeak
 
 # Debian's espeak-ng synthesises the spoken dataset (polymodal-data spoken): installed when
 # missing and we are root; otherwise, or when apt fails, one line says so (setup goes on).
+# A prerequisite only while missing, so a set-up checkout has nothing to do (`make -q setup`).
+ESPEAK := $(if $(shell command -v espeak-ng),,install-espeak)
 APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
-setup: $(STAMP)
-	@command -v espeak-ng >/dev/null || { [ "$$(id -u)" -eq 0 ] && command -v apt-get >/dev/null \
+setup: $(STAMP) $(ESPEAK)
+
+install-espeak:
+	@{ [ "$$(id -u)" -eq 0 ] && command -v apt-get >/dev/null \
 		&& { $(APT_INSTALL) espeak-ng || { apt-get update -qq && $(APT_INSTALL) espeak-ng; }; }; } \
 		|| echo "setup: polymodal-data spoken needs espeak-ng: apt-get install espeak-ng"
 

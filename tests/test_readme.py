@@ -56,7 +56,7 @@ SHAPES_SIZES = {"num_train": 256, "num_val": 64, "num_test": 64}
 PREPARE_SIZES = {
     "ensure_shapes": SHAPES_SIZES,
     "ensure_sounds": {"num_train": 256, "num_val": 64, "num_test": 32},
-    "ensure_spoken": {"num_train": 48, "num_val": 16, "num_test": 16},
+    "ensure_spoken": {"num_train": 160, "num_val": 32, "num_test": 16},  # >= a batch
 }
 TRAIN_ARGUMENTS = ["trainer.max_steps=2"]  # writes a checkpoint and metrics.json
 # size arguments of scripts, by the name of their file

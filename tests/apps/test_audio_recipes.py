@@ -22,7 +22,11 @@ from polymodal.utils.errors import ConfigError
 from tests.helpers import tar_members, train_tiny
 
 
-@pytest.mark.parametrize("sharing", ["separate", "multiway", "shared"])
+# multiway and shared are also covered at the model level (tests/models/test_audio_stem.py)
+@pytest.mark.parametrize(
+    "sharing",
+    ["separate", *(pytest.param(s, marks=pytest.mark.slow) for s in ("multiway", "shared"))],
+)
 def test_clap_sounds_trains_in_every_sharing_mode(sharing, sounds_dir, shapes_dir, tmp_path):
     ckpt, _ = train_tiny(
         tmp_path,
