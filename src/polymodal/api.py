@@ -55,7 +55,7 @@ class Polymodal:
         self.tokenizer = tokenizer
         self.transform = image_transform(config["data"]["image_size"], train=False)
         modalities = self.module.model.modalities
-        self.modality = next((m for m in modalities if m != "text"), "image")
+        self.modality = self.module.model.paired_modality
         self.audio = None
         if "audio" in modalities:
             self.audio = AudioClips(False, **config["data"]["audio"])

@@ -395,3 +395,20 @@ def test_audio_build_takes_every_extension_training_reads(tmp_path):
         decoded = decoder.decode(members)
         assert decoded["text"] == caption
         assert decoded["audio"].shape == (32000,) and decoded["audio"].abs().max() > 0.1
+
+
+def test_an_audio_file_declaring_hours_is_skipped_unread(tmp_path):
+    """A small file whose header declares more than training would ever read (a hostile
+    clip) is skipped as `audio_too_long` before any of it is decoded."""
+    import numpy as np
+    import soundfile
+
+    from polymodal.data.build import read_audio
+    from polymodal.utils.errors import SkippedSample
+
+    path = tmp_path / "long.flac"
+    soundfile.write(path, np.zeros(601 * 1000, dtype=np.float32), 1000, format="FLAC")
+    assert path.stat().st_size < 100_000
+    with pytest.raises(SkippedSample) as err:
+        read_audio(str(path))
+    assert err.value.reason == "audio_too_long" and "601000 samples at 1000 Hz" in err.value.detail

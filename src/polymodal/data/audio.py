@@ -53,17 +53,7 @@ def read_audio(
     try:
         with soundfile.SoundFile(io.BytesIO(data)) as clip:
             rate, frames, channels = clip.samplerate, clip.frames, clip.channels
-            if not RATE_RANGE[0] <= rate <= RATE_RANGE[1] or not 1 <= channels <= MAX_CHANNELS:
-                raise SkippedSample(
-                    "undecodable",
-                    f"{rate} Hz x {channels} channels (readable: {RATE_RANGE[0]}-"
-                    f"{RATE_RANGE[1]} Hz, 1-{MAX_CHANNELS} channels)",
-                )
-            if frames / rate > max_seconds:
-                raise SkippedSample(
-                    "audio_too_long",
-                    f"{frames} samples at {rate} Hz > data.audio.max_seconds {max_seconds}",
-                )
+            check_header(rate, frames, channels, max_seconds)
             count = frames
             if seconds is not None:
                 count = min(frames, math.ceil(seconds * rate))
@@ -79,6 +69,22 @@ def read_audio(
     if not np.isfinite(wave).all():
         raise SkippedSample("undecodable", "audio samples that are not finite (NaN, inf)")
     return resample(wave.mean(axis=1), rate, sample_rate)
+
+
+def check_header(rate: int, frames: int, channels: int, max_seconds: float) -> None:
+    """Refuse (SkippedSample) a clip whose header declares a rate, channel count or length
+    no reader should allocate for, before anything is decoded."""
+    if not RATE_RANGE[0] <= rate <= RATE_RANGE[1] or not 1 <= channels <= MAX_CHANNELS:
+        raise SkippedSample(
+            "undecodable",
+            f"{rate} Hz x {channels} channels (readable: {RATE_RANGE[0]}-"
+            f"{RATE_RANGE[1]} Hz, 1-{MAX_CHANNELS} channels)",
+        )
+    if frames / rate > max_seconds:
+        raise SkippedSample(
+            "audio_too_long",
+            f"{frames} samples at {rate} Hz > data.audio.max_seconds {max_seconds}",
+        )
 
 
 def resample(wave: np.ndarray, rate: int, sample_rate: int) -> np.ndarray:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from polymodal.data.audio import AUDIO_KEYS
+from polymodal.data.audio import AUDIO_KEYS, DEFAULT_MAX_AUDIO_SECONDS, check_header
 from polymodal.data.meta import IMAGE_ID
 from polymodal.data.shards import DEFAULT_MAX_PIXELS
 from polymodal.data.tokenizer import train_tokenizer
@@ -184,8 +184,9 @@ def encode_image(path: str, encoding: Encoding) -> tuple[bytes, tuple[int, int]]
 
 def read_audio(path: str) -> tuple[bytes, str, dict]:
     """The clip's bytes as they are (any extension training reads: AUDIO_KEYS), its
-    extension and its properties; the whole clip is decoded once so a corrupt or truncated
-    file is caught here."""
+    extension and its properties. Its header is checked as training checks it (a small
+    file may declare hours or 2^31 Hz), then the whole clip is decoded once, block by
+    block, so a corrupt or truncated file is caught here without holding it in memory."""
     import soundfile  # imported here: only audio builds need libsndfile
 
     if not os.path.isfile(path):
@@ -194,15 +195,22 @@ def read_audio(path: str) -> tuple[bytes, str, dict]:
     if extension not in AUDIO_KEYS:
         raise SkippedSample("unreadable_audio", f"{path}: not one of {AUDIO_KEYS}")
     try:
-        data, sample_rate = soundfile.read(path, always_2d=True)
+        with soundfile.SoundFile(path) as clip:
+            sample_rate, channels = clip.samplerate, clip.channels
+            check_header(sample_rate, clip.frames, channels, DEFAULT_MAX_AUDIO_SECONDS)
+            blocks = clip.blocks(blocksize=1 << 16, dtype="float32", always_2d=True)
+            frames = sum(len(block) for block in blocks)
+    except SkippedSample as exc:
+        reason = "unreadable_audio" if exc.reason == "undecodable" else exc.reason
+        raise SkippedSample(reason, f"{path}: {exc.detail}") from exc
     except (RuntimeError, soundfile.LibsndfileError, OSError) as err:
         raise SkippedSample("unreadable_audio", f"{path}: {type(err).__name__}: {err}") from err
-    if len(data) == 0:
+    if frames == 0:
         raise SkippedSample("unreadable_audio", f"{path}: no audio frames")
     info = {
         "sample_rate": sample_rate,
-        "channels": data.shape[1],
-        "duration_s": round(len(data) / sample_rate, 6),
+        "channels": channels,
+        "duration_s": round(frames / sample_rate, 6),
     }
     return Path(path).read_bytes(), extension, info
 
