@@ -205,7 +205,10 @@ def compose_train(overrides: list[str], output_dir: Path, shapes_dir: Path) -> D
             ],
         )
     with open_dict(cfg):
-        cfg.data.prepare = None  # the fixture already wrote the data
+        if "datasets" in (cfg.data.prepare or {}):  # a mix: its joint tokenizer is still made
+            cfg.data.prepare.datasets = {}
+        else:
+            cfg.data.prepare = None  # the fixture already wrote the data
     return cfg
 
 

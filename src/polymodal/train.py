@@ -12,7 +12,7 @@ import lightning as L
 from hydra.utils import instantiate
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from polymodal.tasks.pretrain import build_module
 from polymodal.utils.checkpoint import read_checkpoint
@@ -74,6 +74,19 @@ def output_dir_lock(cfg: DictConfig) -> Iterator[None]:
         yield
 
 
+def ddp_for_mixed_sources(cfg: DictConfig) -> None:
+    """With `data.sources`, a step trains only its batch's modalities (an image-text step
+    leaves the audio stem unused): DDP must then look for unused parameters, and cannot
+    assume one graph for every step (static_graph)."""
+    strategy = cfg.trainer.get("strategy")
+    if not (cfg.data.get("sources") and isinstance(strategy, DictConfig)):
+        return
+    if str(strategy.get("_target_", "")).endswith("DDPStrategy"):
+        with open_dict(strategy):
+            strategy.static_graph = False
+            strategy.find_unused_parameters = True
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured task, validate the final weights, write metrics.json, holding
     the output directory's lock (a second run there is refused).
@@ -88,6 +101,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if cfg.get("seed") is not None:
             L.seed_everything(cfg.seed, workers=True)
         datamodule = instantiate(cfg.data)
+        ddp_for_mixed_sources(cfg)
         module = build_module(cfg)
         module.run_config = OmegaConf.to_container(cfg, resolve=True)
         callbacks = instantiate_group(cfg.get("callbacks"), "callbacks")
@@ -106,7 +120,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if facts.get("dist/ranks_in_sync") == 0.0:
             log.error("ranks ended fit with different weights: distributed training is broken")
         results = trainer.validate(module, datamodule=datamodule, verbose=False)
-        metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+        # one dict per val set (data.val_sets); their names never collide
+        metrics = {k: float(v) for result in results for k, v in result.items()}
         metrics.update(facts)
         if rank_zero_only.rank == 0:
             write_metrics(metrics, cfg.paths.output_dir)

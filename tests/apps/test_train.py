@@ -19,6 +19,12 @@ from polymodal.utils.cli import CONFIG_DIR
 from tests.helpers import compose_train, logged_steps
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
+AUDIO_DATASETS = {
+    "clap_sounds": ["sounds"],
+    "audio_captioner": ["sounds"],
+    "trimodal": ["sounds"],
+    "asr_spoken": ["spoken"],
+}
 
 
 @pytest.fixture(scope="session")
@@ -31,24 +37,30 @@ def digits_dir(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_fast_dev_run(experiment, tmp_path, shapes_dir, digits_dir, request):
     overrides = [f"experiment={experiment}", "debug=fdr", f"paths.digits_dir={digits_dir}"]
-    for dataset in ("sounds", "spoken"):  # generated only for the experiments that read them
-        if f"_{dataset}" in experiment or (dataset == "sounds" and experiment.startswith("audio")):
-            overrides.append(f"paths.{dataset}_dir={request.getfixturevalue(f'{dataset}_dir')}")
+    for dataset in AUDIO_DATASETS.get(experiment, ()):  # generated only where they are read
+        overrides.append(f"paths.{dataset}_dir={request.getfixturevalue(f'{dataset}_dir')}")
     cfg = compose_train(overrides, tmp_path, shapes_dir)
     metrics = train(cfg)
     assert metrics["train/global_step"] == 1
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert written == pytest.approx(metrics)
-    # the summaries agree with their parts (a wrong or missing value fails here)
-    accs = [written[f"val/zeroshot/{attribute}_acc"] for attribute in cfg.data.zeroshot]
-    if accs:  # spoken has no attributes to classify
-        assert written["val/zeroshot/mean_acc"] == pytest.approx(sum(accs) / len(accs))
-    if cfg.task.evaluation.retrieval:
-        for way in ("i2t", "t2i"):
-            r1, r5 = written[f"val/retrieval/{way}_r1"], written[f"val/retrieval/{way}_r5"]
-            assert 0 <= r1 <= r5 <= written[f"val/retrieval/{way}_r10"] <= 1 and r5 > 0
-        mean_r1 = (written["val/retrieval/i2t_r1"] + written["val/retrieval/t2i_r1"]) / 2
-        assert written["val/retrieval/mean_r1"] == pytest.approx(mean_r1)
+    # the summaries of each val set agree with their parts (a wrong or missing value fails)
+    sets = {f"val/{name}/": spec.zeroshot for name, spec in cfg.data.val_sets.items()}
+    for prefix, zeroshot in (sets or {"val/": cfg.data.zeroshot}).items():
+        accs = [written[f"{prefix}zeroshot/{attribute}_acc"] for attribute in zeroshot]
+        if accs:  # spoken has no attributes to classify
+            assert written[f"{prefix}zeroshot/mean_acc"] == pytest.approx(sum(accs) / len(accs))
+        if cfg.task.evaluation.retrieval:
+            for way in ("i2t", "t2i"):
+                r1, r5 = (
+                    written[f"{prefix}retrieval/{way}_r1"],
+                    written[f"{prefix}retrieval/{way}_r5"],
+                )
+                assert 0 <= r1 <= r5 <= written[f"{prefix}retrieval/{way}_r10"] <= 1 and r5 > 0
+            mean_r1 = (
+                written[f"{prefix}retrieval/i2t_r1"] + written[f"{prefix}retrieval/t2i_r1"]
+            ) / 2
+            assert written[f"{prefix}retrieval/mean_r1"] == pytest.approx(mean_r1)
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
-from polymodal.objectives.base import IGNORE_INDEX
+from polymodal.objectives.base import IGNORE_INDEX, EncodingCache
 from polymodal.objectives.caption import caption_loss
 from polymodal.objectives.itm import same_pair_mask, sample_hard_negatives
 from polymodal.objectives.mim import masked_patch_loss, patchify, random_keep
 from polymodal.objectives.mlm import mask_tokens
+from polymodal.tasks.pretrain import build_module
+from polymodal.utils.errors import ConfigError
+from tests.helpers import compose_train, random_batch
 
 
 def test_hard_negatives_never_positive_or_same_id():
@@ -123,3 +127,22 @@ def test_caption_loss_matches_manual_cross_entropy():
         grad[b, t] = np.exp(logp[b, t])
         grad[b, t, ids[b, t + 1]] -= 1
     np.testing.assert_allclose(logits.grad.numpy(), grad / len(terms), atol=1e-12)
+
+
+def test_objectives_skip_batches_without_their_modalities(tmp_path):
+    """In a trimodal mix an audio-text batch trains contrastive audio-text alone (MIM and
+    the image-captioning decoder need images); an image-text batch trains all three."""
+    extra = ["+task.objectives.mim.weight=0.5", "+task.objectives.caption.weight=1"]
+    cfg = compose_train(["experiment=trimodal", *extra], tmp_path, tmp_path)
+    module = build_module(cfg)
+    text = random_batch(4, context_length=32)
+    images = {**text, "image": torch.randn(4, 3, 64, 64)}
+    sounds = {k: v for k, v in text.items() if k != "image"}
+    sounds["audio"] = torch.randn(4, 1, 64, 100)  # log-mel spectrograms
+    _, image_logs = module.step_losses(EncodingCache(module.model, images))
+    _, audio_logs = module.step_losses(EncodingCache(module.model, sounds))
+    assert {"itc/loss", "mim/loss", "caption/loss"} <= set(image_logs)
+    assert {k for k in audio_logs if k.endswith("loss")} == {"itc/loss"}
+    text_only = {k: v for k, v in sounds.items() if k != "audio"}
+    with pytest.raises(ConfigError, match="holds none of the modalities"):
+        module.step_losses(EncodingCache(module.model, text_only))

@@ -119,11 +119,18 @@ CASES = {
             "model.towers.audio.depth=1",
         ],
     ),
+    # shapes and sounds batches mixed by weight (one source per batch, drawn per cursor)
+    "trimodal-workers2-mixed-sources": ("trimodal", 2, ["model.towers.audio.depth=1"]),
 }
 
 
 # ~2-3 min each; .ci/run runs them
-SLOW = ("clip-workers2-resampled", "albef-workers2", "clap-workers2-crop-specaugment")
+SLOW = (
+    "clip-workers2-resampled",
+    "albef-workers2",
+    "clap-workers2-crop-specaugment",
+    "trimodal-workers2-mixed-sources",
+)
 
 
 @pytest.mark.parametrize(
@@ -133,8 +140,10 @@ def test_killed_run_resumes_bitwise_equal(case, tmp_path, shapes_dir, request):
     experiment, workers, extra = CASES[case]
     if "bad-samples" in case:
         shapes_dir = request.getfixturevalue("damaged_shapes")
-    if experiment == "clap_sounds":
+    if experiment in ("clap_sounds", "trimodal"):
         extra = [f"paths.sounds_dir={request.getfixturevalue('sounds_dir')}", *extra]
+    if experiment == "trimodal":  # the shapes tokenizer reads sounds captions too (bytes)
+        extra = [f"data.tokenizer={shapes_dir / 'tokenizer.json'}", *extra]
     extra = [f"experiment={experiment}", f"data.num_workers={workers}", *extra]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     for out in (whole, broken):
@@ -154,7 +163,7 @@ def test_killed_run_resumes_bitwise_equal(case, tmp_path, shapes_dir, request):
     assert sorted(broken_keys) == list(range(STEPS))
     assert broken_keys == whole_keys  # the same batch at every step, replayed steps included
     # samples may repeat by design when resampled or skipped; sounds has 256, not 512
-    if "resampled" not in case and "bad" not in case and experiment != "clap_sounds":
+    if not any(k in case for k in ("resampled", "bad", "clap", "mixed")):
         per_epoch = 512 // BATCH
         first = Counter(k for s in range(per_epoch) for k in broken_keys[s])
         assert len(first) == 512 and set(first.values()) == {1}

@@ -31,7 +31,7 @@ from polymodal.data.shards import (
     expand_shards,
     shard_sizes,
 )
-from polymodal.data.stream import ShardedSamples, split_range
+from polymodal.data.stream import BatchStream, MixedSamples, ShardedSamples, split_range
 from polymodal.data.tokenizer import TextTokenizer
 from polymodal.data.transforms import image_transform
 from polymodal.utils.errors import ConfigError
@@ -79,9 +79,18 @@ class TokenizingCollate:
         return batch
 
 
+SOURCE_KEYS = {"shards", "weight", "modalities"}
+VAL_SET_KEYS = {"shards", "modalities", "zeroshot"}
+
+
 class WebDataModule(L.LightningDataModule):
     """Shards -> batches {image, audio, text_ids, text_mask, text, key, meta, skipped}
     holding `modalities` (each sample must have all of them).
+
+    `sources` (name -> {shards, weight, modalities}) replaces `train_shards` with several
+    shard sets mixed per batch (MixedSamples: one run trains image-text and audio-text),
+    `val_sets` (name -> {shards, modalities, zeroshot}) replaces `val_shards` with
+    several val sets, each validated and reported on its own (`val/<name>/...`).
 
     `zeroshot` describes how the val split is scored zero-shot (see EmbeddingEvaluator);
     it lives with the data because the labels and class names belong to the dataset.
@@ -114,6 +123,8 @@ class WebDataModule(L.LightningDataModule):
         worker_start_method: str | None = None,
         modalities: Sequence[str] = ("image", "text"),
         audio: Mapping | None = None,
+        sources: Mapping[str, Mapping] | None = None,
+        val_sets: Mapping[str, Mapping] | None = None,
     ) -> None:
         super().__init__()
         self.train_shards, self.val_shards = train_shards, val_shards
@@ -133,11 +144,61 @@ class WebDataModule(L.LightningDataModule):
         self.modalities, self.audio = tuple(modalities), dict(audio or {})
         if "audio" in self.modalities:
             self.audio_clips(train=True)  # a bad data.audio setting fails now, in one line
+        self.sources = self.named_sets("sources", sources, SOURCE_KEYS, train_shards)
+        self.val_sets = self.named_sets("val_sets", val_sets, VAL_SET_KEYS, val_shards)
+        if self.sources and not resampled:
+            raise ConfigError(
+                "data.sources: mixed sources draw shards with replacement; set data.resampled=true"
+            )
         self.counts: dict[tuple[str, ...], list[int]] = {}  # shard list -> sizes, read once
         self.tokenizer: TextTokenizer | None = None
         # the training stream's position: the last trained batch of each loader worker
         self.position: dict = {}
         self.resume: dict = {}  # a checkpoint's position, applied by train_dataloader
+
+    def named_sets(
+        self, field: str, sets: Mapping[str, Mapping] | None, keys: set[str], plain: object
+    ) -> dict[str, dict]:
+        """`data.sources` / `data.val_sets` checked, each set's modalities filled in
+        (default: data.modalities) and its weight (default 1)."""
+        if not sets:
+            return {}
+        other = "train_shards" if field == "sources" else "val_shards"
+        if plain is not None:
+            raise ConfigError(f"data.{field} replaces data.{other}: set data.{other}=null")
+        result = {}
+        for name, spec in sets.items():
+            spec = dict(spec or {})
+            unknown = sorted(set(spec) - keys)
+            if unknown or "shards" not in spec:
+                raise ConfigError(
+                    f"data.{field}.{name}: needs shards, takes {sorted(keys)} (got {sorted(spec)})"
+                )
+            modalities = tuple(spec.get("modalities") or self.modalities)
+            if not set(modalities) <= set(self.modalities):
+                raise ConfigError(
+                    f"data.{field}.{name}.modalities: {list(modalities)} are not all in "
+                    f"data.modalities {list(self.modalities)}"
+                )
+            spec["modalities"] = modalities
+            if field == "sources":
+                spec["weight"] = float(spec.get("weight", 1.0))
+            result[str(name)] = spec
+        return result
+
+    @property
+    def validation_sets(self) -> dict[str, dict]:
+        """name -> {shards, modalities, zeroshot, field} of each val set validated: the
+        `val_sets`, or `val_shards` under the name "" (reported as `val/...`)."""
+        if self.val_sets:
+            return {
+                name: {"zeroshot": {}, **spec, "field": f"data.val_sets.{name}.shards"}
+                for name, spec in self.val_sets.items()
+            }
+        if self.val_shards is None:
+            return {}
+        spec = {"shards": self.val_shards, "modalities": self.modalities, "zeroshot": self.zeroshot}
+        return {"": {**spec, "field": "data.val_shards"}}
 
     def prepare_data(self) -> None:
         """Generate built-in data (e.g. the shapes dataset) if the config asks for it."""
@@ -153,16 +214,29 @@ class WebDataModule(L.LightningDataModule):
             except FileNotFoundError as err:
                 raise ConfigError(f"data.tokenizer: {err}") from err
         if stage in ("fit", None):
-            self.check_usable(expand_shards(self.train_shards, "data.train_shards"), "train")
+            for field, urls, modalities in self.train_parts():
+                self.check_usable(urls, field, modalities)
 
-    def check_usable(self, urls: Sequence[str], split: str) -> None:
+    def train_parts(self) -> list[tuple[str, list[str], tuple[str, ...]]]:
+        """(config field, shard urls, modalities) of each training source."""
+        fields = {"data.train_shards": (self.train_shards, self.modalities)}
+        if self.sources:
+            fields = {
+                f"data.sources.{name}.shards": (spec["shards"], spec["modalities"])
+                for name, spec in self.sources.items()
+            }
+        return [(f, expand_shards(shards, f), m) for f, (shards, m) in fields.items()]
+
+    def check_usable(
+        self, urls: Sequence[str], field: str, modalities: Sequence[str] | None = None
+    ) -> None:
         """Fail before training, in one line, when no shard holds a usable sample. Reads the
         shards in order until one sample decodes, so a healthy set costs one sample."""
         skips = SkipPolicy(quiet=True)
-        for _ in decoded_samples(urls, self.decoder(train=False), skips):
+        for _ in decoded_samples(urls, self.decoder(False, modalities), skips):
             return
         first = f" (first problem: {skips.first})" if skips.first else " (all empty)"
-        raise ConfigError(f"data.{split}_shards: no usable sample in {len(urls)} shard(s){first}")
+        raise ConfigError(f"{field}: no usable sample in {len(urls)} shard(s){first}")
 
     def shard_sizes(self, urls: Sequence[str], field: str) -> list[int]:
         """Per-shard sample counts (`shard_sizes`), looked up once per shard list: shards
@@ -173,15 +247,17 @@ class WebDataModule(L.LightningDataModule):
             self.counts[key] = shard_sizes(urls, field, split_key)
         return self.counts[key]
 
-    def decoder(self, train: bool) -> SampleDecoder:
+    def decoder(self, train: bool, modalities: Sequence[str] | None = None) -> SampleDecoder:
+        """The decoder of samples holding `modalities` (default: data.modalities)."""
+        modalities = tuple(modalities or self.modalities)
         return SampleDecoder(
             image_transform(self.image_size, train, self.crop_scale, self.hflip),
             self.image_keys,
             self.text_keys,
             max_pixels=self.max_pixels,
             max_caption_bytes=self.max_caption_bytes,
-            modalities=self.modalities,
-            audio=self.audio_clips(train) if "audio" in self.modalities else None,
+            modalities=modalities,
+            audio=self.audio_clips(train) if "audio" in modalities else None,
         )
 
     def audio_clips(self, train: bool) -> AudioClips:
@@ -196,27 +272,28 @@ class WebDataModule(L.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
 
-    def _loader(self, urls: list[str], train: bool) -> wds.WebLoader:
+    def collate(self, train: bool) -> TokenizingCollate:
+        audio = self.audio_clips(train) if "audio" in self.modalities else None
+        return TokenizingCollate(self.tokenizer, audio)
+
+    def samples(
+        self,
+        urls: list[str],
+        sizes: list[int] | None,
+        train: bool,
+        modalities: Sequence[str] | None = None,
+        batches: int | None = None,
+        name: str = "",
+    ) -> ShardedSamples:
+        """One shard set's stream: training (`batches` per rank) or evaluation."""
         rank, world = self.rank_and_world
-        field = "data.train_shards" if train else "data.val_shards"
-        sizes = None if train and self.resampled else self.shard_sizes(urls, field)
-        batch_size = self.batch_size if train else self.val_batch_size
-        if train:
-            batches = self.batches_per_epoch(sizes)
-        else:
-            if sum(sizes) < world:
-                raise ConfigError(f"data.val_shards: {sum(sizes)} samples < {world} ranks")
-            first, last = split_range(sum(sizes), world, rank)
-            batches = -(-(last - first) // batch_size)
-        workers = min(self.num_workers, max(batches, 1))
-        decoder = self.decoder(train)
-        dataset = ShardedSamples(
+        return ShardedSamples(
             urls,
             sizes,
-            decoder,
-            TokenizingCollate(self.tokenizer, decoder.audio),
-            batch_size=batch_size,
-            batches_per_rank=batches if train else None,
+            self.decoder(train, modalities),
+            self.collate(train),
+            batch_size=self.batch_size if train else self.val_batch_size,
+            batches_per_rank=batches,
             rank=rank,
             world_size=world,
             seed=self.seed,
@@ -224,11 +301,11 @@ class WebDataModule(L.LightningDataModule):
             shuffle_buffer=self.shuffle_buffer,
             resampled=train and self.resampled,
             strict=self.strict,
+            name=name,
         )
-        if train:
-            # 0 workers read like 1 (the stream of worker 0)
-            self.position = {"layout": [world, max(workers, 1), batch_size, batches, len(urls)]}
-            self.resume_stream(dataset)
+
+    def loader(self, dataset: BatchStream, batches: int) -> wds.WebLoader:
+        workers = min(self.num_workers, max(batches, 1))
         # the dataset yields exactly `batches` per epoch: no with_epoch, which would fill a
         # resumed epoch's remainder with the next epoch's batches
         return wds.WebLoader(
@@ -240,7 +317,45 @@ class WebDataModule(L.LightningDataModule):
             worker_init_fn=ignore_job_signals,
         )
 
-    def resume_stream(self, dataset: ShardedSamples) -> None:
+    def train_dataloader(self) -> wds.WebLoader:
+        parts = self.train_parts()
+        if self.sources:
+            batches = self.batches_per_epoch()
+            streams = {
+                name: self.samples(urls, None, True, modalities, batches, name)
+                for (_, urls, modalities), name in zip(parts, self.sources, strict=True)
+            }
+            weights = {name: spec["weight"] for name, spec in self.sources.items()}
+            dataset: BatchStream = MixedSamples(streams, weights)
+            shards = [[n, len(u), weights[n]] for (_, u, _), n in zip(parts, weights, strict=True)]
+        else:
+            ((field, urls, _),) = parts
+            sizes = None if self.resampled else self.shard_sizes(urls, field)
+            batches = self.batches_per_epoch(sizes)
+            dataset, shards = self.samples(urls, sizes, True, batches=batches), len(urls)
+        world = self.rank_and_world[1]
+        workers = max(min(self.num_workers, batches), 1)  # 0 workers read like 1 (worker 0)
+        self.position = {"layout": [world, workers, self.batch_size, batches, shards]}
+        self.resume_stream(dataset)
+        return self.loader(dataset, batches)
+
+    def val_dataloader(self) -> wds.WebLoader | list[wds.WebLoader]:
+        """One loader per val set (a list when `val_sets` names several)."""
+        rank, world = self.rank_and_world
+        loaders = []
+        for spec in self.validation_sets.values():
+            urls = expand_shards(spec["shards"], spec["field"])
+            sizes = self.shard_sizes(urls, spec["field"])
+            total = sum(sizes)
+            if total < world:
+                raise ConfigError(f"{spec['field']}: {total} samples < {world} ranks")
+            first, last = split_range(total, world, rank)
+            batches = -(-(last - first) // self.val_batch_size)
+            dataset = self.samples(urls, sizes, False, spec["modalities"])
+            loaders.append(self.loader(dataset, batches))
+        return loaders if self.val_sets else (loaders[0] if loaders else [])
+
+    def resume_stream(self, dataset: BatchStream) -> None:
         """Continue a checkpoint's stream: the next batch is the one after the last batch
         trained before it was saved. Exact when the layout (ranks, workers, batch size,
         batches per epoch, shards) is unchanged; otherwise the next epoch starts."""
@@ -294,11 +409,10 @@ class WebDataModule(L.LightningDataModule):
             )
         if self.train_samples is not None:
             samples = self.train_samples
-        else:
-            if sizes is None:
-                urls = expand_shards(self.train_shards, "data.train_shards")
-                sizes = self.shard_sizes(urls, "data.train_shards")
+        elif sizes is not None:
             samples = sum(sizes)
+        else:  # every training source's samples
+            samples = sum(sum(self.shard_sizes(u, f)) for f, u, _ in self.train_parts())
         _, world = self.rank_and_world
         batches = samples // (self.batch_size * world)
         if batches == 0:
@@ -307,11 +421,3 @@ class WebDataModule(L.LightningDataModule):
                 f"x {world} ranks"
             )
         return batches
-
-    def train_dataloader(self) -> wds.WebLoader:
-        return self._loader(expand_shards(self.train_shards, "data.train_shards"), train=True)
-
-    def val_dataloader(self) -> wds.WebLoader:
-        if self.val_shards is None:
-            return []
-        return self._loader(expand_shards(self.val_shards, "data.val_shards"), train=False)

@@ -10,6 +10,7 @@ and samples decoded by `polymodal.data.shards`.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 from collections import Counter
@@ -27,12 +28,89 @@ log = logging.getLogger(__name__)
 PAD_POOL = 16  # decoded samples a reader keeps to fill in for skipped ones
 
 
+def chunked(samples: Iterator[dict], size: int) -> Iterator[list[dict]]:
+    """Lists of `size` samples; the last may be shorter (only evaluation has one: training
+    counts are exact)."""
+    while batch := list(itertools.islice(samples, size)):
+        yield batch
+
+
 def split_range(total: int, parts: int, index: int) -> tuple[int, int]:
     """[start, stop) of part `index` when `total` items are cut into `parts` near-equal runs."""
     return total * index // parts, total * (index + 1) // parts
 
 
-class ShardedSamples(IterableDataset):
+class BatchStream(IterableDataset):
+    """What the training and evaluation streams share: epochs, the resume position, and
+    batches collated with their cursor and skip counts (see ShardedSamples)."""
+
+    def __init__(
+        self, collate: Callable[[list[dict]], dict], batch_size: int, rank: int, seed: int
+    ) -> None:
+        super().__init__()
+        self.collate, self.batch_size, self.rank, self.seed = collate, batch_size, rank, seed
+        self.epoch = -1
+        self.done: dict[int, int] = {}  # worker -> batches of the next epoch to rebuild unseen
+        self.first = 0  # the stream worker that loader worker 0 plays in the next epoch
+
+    def start(self, epoch: int, done: Mapping[int, int], first: int = 0) -> None:
+        """Make the next iteration epoch `epoch`, each stream worker resuming after its
+        first `done[worker]` batches, loader worker i playing stream worker first + i (set
+        before the loader's workers copy the dataset)."""
+        self.epoch, self.done, self.first = epoch - 1, dict(done), first
+
+    @property
+    def skipped(self) -> Counter[str]:
+        """Reason -> samples skipped so far (in this process)."""
+        raise NotImplementedError
+
+    def next_epoch(self) -> tuple[int, int, int]:
+        """Start the next epoch in this loader worker: (the stream worker it plays, the
+        number of workers, batches of it to rebuild unseen)."""
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        worker = (worker + self.first) % num_workers
+        self.epoch += 1
+        done, self.done, self.first = self.done.get(worker, 0), {}, 0
+        return worker, num_workers, done
+
+    def batched(
+        self,
+        chunks: Iterator[tuple[str | None, list[dict]]],
+        where: str,
+        worker: int,
+        done: int,
+    ) -> Iterator[dict]:
+        """Collated (source, samples) chunks; the first `done` are rebuilt but not yielded
+        (resume), and the samples skipped while rebuilding them are not reported again."""
+        reported, usable = self.skipped.copy(), 0
+        for number, (source, batch) in enumerate(chunks, start=1):
+            usable += len(batch)
+            if number > done:
+                out = self._collate(batch, reported, (self.epoch, worker, number))
+                if source is not None:
+                    out["source"] = source
+                yield out
+            reported = self.skipped.copy()
+        if usable == 0:
+            raise ValueError(f"data: no usable sample in {where}")
+
+    def _collate(
+        self, batch: list[dict], reported: Counter[str], cursor: tuple[int, int, int]
+    ) -> dict:
+        """The collated batch; its random choices (SpecAugment masks) draw from a generator
+        seeded by (seed, rank, cursor) alone, so a resumed stream masks what the
+        uninterrupted one masked."""
+        key = f"collate-{self.seed}-{self.rank}-{cursor}"
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(random.Random(key).getrandbits(62))
+            out = self.collate(batch)
+        out["skipped"] = dict(self.skipped - reported)  # reason -> count since the last batch
+        out["cursor"] = cursor
+        return out
+
+
+class ShardedSamples(BatchStream):
     """Decoded, batched samples: this rank's and this worker's share of one epoch.
 
     Non-resampled: the shards, shuffled with (seed, epoch) (the same order on every rank),
@@ -75,31 +153,21 @@ class ShardedSamples(IterableDataset):
         shuffle_buffer: int = 1000,
         resampled: bool = False,
         strict: bool = False,
+        name: str = "",
     ) -> None:
-        super().__init__()
+        super().__init__(collate, batch_size, rank, seed)
         if sizes is None and not (resampled and batches_per_rank):
             raise ConfigError("per-shard sizes are needed unless resampling a fixed epoch")
         self.urls, self.sizes = list(urls), None if sizes is None else list(sizes)
-        self.decoder, self.collate = decoder, collate
-        self.batch_size, self.batches_per_rank = batch_size, batches_per_rank
-        self.rank, self.world_size = rank, world_size
-        self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
+        self.decoder, self.batches_per_rank, self.world_size = decoder, batches_per_rank, world_size
+        self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer
         self.resampled, self.strict = resampled, strict
+        self.name = name  # the source's name in a mix (MixedSamples), else ""
         self.split_key = KeySplitter(decoder.extensions)
-        self.epoch = -1
-        self.done: dict[int, int] = {}  # worker -> batches of the next epoch to rebuild unseen
-        self.first = 0  # the stream worker that loader worker 0 plays in the next epoch
         self.skip = SkipPolicy(strict)  # counts skipped samples by reason, or raises
-
-    def start(self, epoch: int, done: Mapping[int, int], first: int = 0) -> None:
-        """Make the next iteration epoch `epoch`, each stream worker resuming after its
-        first `done[worker]` batches, loader worker i playing stream worker first + i (set
-        before the loader's workers copy the dataset)."""
-        self.epoch, self.done, self.first = epoch - 1, dict(done), first
 
     @property
     def skipped(self) -> Counter[str]:
-        """Reason -> samples skipped so far (in this process)."""
         return self.skip.counts
 
     def sample_range(self, worker: int, num_workers: int) -> tuple[int, int]:
@@ -179,59 +247,87 @@ class ShardedSamples(IterableDataset):
                 yield kept[i % len(kept)]
 
     def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        worker = (worker + self.first) % num_workers
-        self.epoch += 1
-        done, self.done, self.first = self.done.get(worker, 0), {}, 0
+        worker, num_workers, done = self.next_epoch()
+        samples, wanted = self.samples(worker, num_workers)
+        if wanted == 0:
+            return
+        chunks = chunked(itertools.islice(samples, wanted), self.batch_size)
+        yield from self.batched(((None, b) for b in chunks), self.where(worker), worker, done)
+
+    def where(self, worker: int) -> str:
+        source = f"data.sources.{self.name} " if self.name else ""
+        return f"{source}rank {self.rank} worker {worker} epoch {self.epoch}"
+
+    def samples(self, worker: int, num_workers: int) -> tuple[Iterator[dict], int]:
+        """This worker's decoded samples of the current epoch, and how many it yields
+        (resampled streams go on past that number)."""
         stream = f"{self.seed}-{self.epoch}-{self.rank}-{worker}"
+        if self.name:  # each source of a mix draws its own shards
+            stream = f"{self.name}-{stream}"
         rng = random.Random(stream)
-        where = f"rank {self.rank} worker {worker} epoch {self.epoch}"
         if self.resampled:
             lo, hi = split_range(self.batches_per_rank, num_workers, worker)
             raw, wanted = self.resampled_stream(rng), (hi - lo) * self.batch_size
         else:
             start, stop = self.sample_range(worker, num_workers)
             raw, wanted = self.range_stream(start, stop), stop - start
-        if wanted == 0:
-            return
         if self.shuffle:
             raw = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer // 4, rng=rng)(raw)
         samples = self.decoded(raw, random.Random(f"augment-{stream}").getrandbits(62))
-        if self.batches_per_rank is not None:
-            samples = self.exactly(samples, wanted, where)
-        yield from self.batched(samples, where, worker, done)
+        if self.batches_per_rank is not None and not self.resampled:
+            samples = self.exactly(samples, wanted, self.where(worker))
+        return samples, wanted
 
-    def batched(
-        self, samples: Iterator[dict], where: str, worker: int, done: int
-    ) -> Iterator[dict]:
-        """Batches of `samples`; the first `done` are rebuilt but not yielded (resume), and
-        the samples skipped while rebuilding them are not reported again."""
-        batch: list[dict] = []
-        reported, usable, number = self.skipped.copy(), 0, 0
-        for sample in samples:
-            batch.append(sample)
-            usable += 1
-            if len(batch) == self.batch_size:
-                number += 1
-                if number > done:
-                    yield self._collate(batch, reported, (self.epoch, worker, number))
-                batch, reported = [], self.skipped.copy()
-        if batch:  # only evaluation has partial batches: training counts are exact
-            yield self._collate(batch, reported, (self.epoch, worker, number + 1))
-        if usable == 0:
-            raise ValueError(f"data: no usable sample in {where}")
 
-    def _collate(
-        self, batch: list[dict], reported: Counter[str], cursor: tuple[int, int, int]
-    ) -> dict:
-        """The collated batch; its random choices (SpecAugment masks) draw from a generator
-        seeded by (seed, rank, cursor) alone, so a resumed stream masks what the
-        uninterrupted one masked."""
-        key = f"collate-{self.seed}-{self.rank}-{cursor}"
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(random.Random(key).getrandbits(62))
-            out = self.collate(batch)
-        out["skipped"] = dict(self.skipped - reported)  # reason -> count since the last batch
-        out["cursor"] = cursor
-        return out
+def source_of_batch(
+    seed: int, epoch: int, worker: int, number: int, weights: Mapping[str, float]
+) -> str:
+    """The source of batch `number` of stream worker `worker` in `epoch`, drawn by weight
+    from a generator seeded by these alone (not the rank): every rank trains the same
+    source at each step, so the modalities and objectives of a step, and the shapes DDP's
+    collectives exchange, match across ranks."""
+    rng = random.Random(f"source-{seed}-{epoch}-{worker}-{number}")
+    return rng.choices(list(weights), list(weights.values()))[0]
+
+
+class MixedSamples(BatchStream):
+    """Batches from several sources (open_clip's `::` with upsampling factors, per batch):
+    each batch holds the samples of one source, chosen by `weights`
+    (`source_of_batch`). Every source is a resampled ShardedSamples with its own name,
+    decoder and shards; the epoch is `batches_per_rank` batches of any sources. Each batch
+    carries `source`. Resume rebuilds the batches before the cursor, as ShardedSamples."""
+
+    def __init__(self, sources: Mapping[str, ShardedSamples], weights: Mapping[str, float]):
+        first = next(iter(sources.values()))
+        super().__init__(first.collate, first.batch_size, first.rank, first.seed)
+        for name, source in sources.items():
+            if not (source.resampled and source.batches_per_rank == first.batches_per_rank):
+                raise ValueError(f"source {name}: mixed sources are resampled, equal epochs")
+            if source.name != name:
+                raise ValueError(f"source {name} is named {source.name!r}")
+        if sorted(weights) != sorted(sources) or min(weights.values()) <= 0:
+            raise ConfigError(f"data.sources: weights {dict(weights)} must be > 0, one per source")
+        self.sources, self.weights = dict(sources), dict(weights)
+        self.batches_per_rank = first.batches_per_rank
+
+    @property
+    def skipped(self) -> Counter[str]:
+        return sum((s.skipped for s in self.sources.values()), Counter())
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, num_workers, done = self.next_epoch()
+        lo, hi = split_range(self.batches_per_rank, num_workers, worker)
+        if hi == lo:
+            return
+        streams = {}
+        for name, source in self.sources.items():
+            source.epoch = self.epoch
+            streams[name] = source.samples(worker, num_workers)[0]
+
+        def chunks() -> Iterator[tuple[str, list[dict]]]:
+            for number in range(1, hi - lo + 1):
+                name = source_of_batch(self.seed, self.epoch, worker, number, self.weights)
+                yield name, list(itertools.islice(streams[name], self.batch_size))
+
+        where = f"data.sources, rank {self.rank} worker {worker} epoch {self.epoch}"
+        yield from self.batched(chunks(), where, worker, done)

@@ -179,15 +179,16 @@ def log_media_to_wandb(
     pictures: Mapping[str, np.ndarray],
     examples: RetrievalExamples | None,
     step: int,
+    prefix: str = "val/",
 ) -> None:
-    """Confusion matrices as `val/confusion_<attr>` images and the retrieval examples as a
-    `val/retrieval` table (the image or spectrogram, for clips a player, its caption, the
-    top-k retrieved captions)."""
+    """Confusion matrices as `<prefix>confusion_<attr>` images and the retrieval examples
+    as a `<prefix>retrieval` table (the image or spectrogram, for clips a player, its
+    caption, the top-k retrieved captions)."""
     import wandb  # only runs that log to wandb pay for importing it
 
     for name, pixels in pictures.items():
         if name.startswith("confusion_"):
-            logger.log_image(key=f"val/{name}", images=[pixels], step=step)
+            logger.log_image(key=f"{prefix}{name}", images=[pixels], step=step)
     if examples is not None:
         data = [
             [wandb.Image(image), *row]
@@ -198,4 +199,4 @@ def log_media_to_wandb(
             players = [wandb.Audio(s, sample_rate=examples.sample_rate) for s in examples.sounds]
             data = [[row[0], player, *row[1:]] for row, player in zip(data, players, strict=True)]
             columns = ["spectrogram", "audio", *examples.columns()]
-        logger.log_table(key="val/retrieval", columns=columns, data=data, step=step)
+        logger.log_table(key=f"{prefix}retrieval", columns=columns, data=data, step=step)

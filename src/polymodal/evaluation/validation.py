@@ -52,15 +52,6 @@ def write_evaluation_media(
     return write_media(out_dir, suffix, confusion, examples), examples
 
 
-def described_modality(model: PolymodalModel, batch: Mapping) -> str:
-    """What a val batch's captions describe: the first of the model's modalities other
-    than text that the batch holds (zero-shot and retrieval score it against the texts)."""
-    for modality in model.modalities:
-        if modality != "text" and model.input_key(modality) in batch:
-            return modality
-    raise ValueError(f"a val batch holds none of {model.modalities} besides text")
-
-
 class ValidationReport:
     """The metrics and samples of one validation pass of a model (see the module doc)."""
 
@@ -103,7 +94,7 @@ class ValidationReport:
         """Add one val batch: its embeddings, (with an ITM head) its tokens, (with a
         decoder, in the first `caption_batches`) captions of its images."""
         model, batch = cache.model, cache.batch
-        modality = described_modality(model, batch)
+        modality = cache.paired_modality
         self.evaluator.update(
             cache.embedding(modality), cache.embedding("text"), batch["meta"], batch["text"]
         )

@@ -30,6 +30,19 @@ class EncodingCache:
             self._store[name] = compute()
         return self._store[name]
 
+    def holds(self, modality: str) -> bool:
+        return self.model.input_key(modality) in self.batch
+
+    @property
+    def paired_modality(self) -> str:
+        """What this batch's texts describe: the first of the model's modalities other
+        than text that the batch holds (a mix of image-text and audio-text sources pairs
+        each batch with its own). The default of contrastive pairs."""
+        for modality in self.model.modalities:
+            if modality != "text" and self.holds(modality):
+                return modality
+        raise ValueError(f"a batch holds none of {self.model.modalities} besides text")
+
     def mask(self, modality: str) -> Tensor | None:
         return self.model.inputs(self.batch, modality)[1]
 
@@ -76,6 +89,11 @@ class Objective(nn.Module):
 
     def forward(self, cache: EncodingCache) -> ObjectiveOutput:
         raise NotImplementedError
+
+    def needs(self, cache: EncodingCache) -> tuple[str, ...]:
+        """The modalities this objective reads from the batch; a batch without one of them
+        (e.g. an audio-text batch for MIM, in a mix of sources) skips the objective."""
+        return ("text",)
 
     def setup(self, tokenizer, class_names: dict[str, list[str]]) -> None:
         """Called once data is known: the tokenizer and the attribute class names."""

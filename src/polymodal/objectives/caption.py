@@ -26,6 +26,9 @@ class CaptionObjective(Objective):
         super().__init__()
         self.label_smoothing = label_smoothing
 
+    def needs(self, cache: EncodingCache) -> tuple[str, ...]:
+        return (cache.model.decoder_memory, "text")
+
     def forward(self, cache: EncodingCache) -> ObjectiveOutput:
         ids, mask = cache.batch["text_ids"], cache.batch["text_mask"]
         memory = cache.tokens(cache.model.decoder_memory)

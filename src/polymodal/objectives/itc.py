@@ -78,9 +78,12 @@ class ITCObjective(Objective):
         self.modalities = None if modalities is None else tuple(modalities)
         self.local_loss, self.gather_with_grad = local_loss, gather_with_grad
 
+    def needs(self, cache: EncodingCache) -> tuple[str, ...]:
+        return self.modalities or (cache.paired_modality, "text")
+
     def forward(self, cache: EncodingCache) -> ObjectiveOutput:
         scale, _ = cache.model.contrastive_scale()
-        first, second = self.modalities or (cache.model.paired_modality, "text")
+        first, second = self.needs(cache)
         loss = clip_loss(
             cache.embedding(first),
             cache.embedding(second),

@@ -58,6 +58,9 @@ class ITMObjective(Objective):
             text_tokens[text_index], mask[text_index], memory[image_index]
         )
 
+    def needs(self, cache: EncodingCache) -> tuple[str, ...]:
+        return (cache.model.fusion_memory, "text")
+
     def forward(self, cache: EncodingCache) -> ObjectiveOutput:
         batch = cache.batch
         ids = batch["text_ids"]

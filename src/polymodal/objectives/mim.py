@@ -53,6 +53,9 @@ class MIMObjective(Objective):
             target = (target - mean) / (var + 1e-6).sqrt()
         return target
 
+    def needs(self, cache: EncodingCache) -> tuple[str, ...]:
+        return ("image",)
+
     def forward(self, cache: EncodingCache) -> ObjectiveOutput:
         model = cache.model
         images = cache.batch["image"]

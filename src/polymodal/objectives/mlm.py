@@ -76,6 +76,9 @@ class MLMObjective(Objective):
         )  # BOS word EOS
         self.word_ids = torch.tensor(single, dtype=torch.long, device=device)
 
+    def needs(self, cache: EncodingCache) -> tuple[str, ...]:
+        return (cache.model.fusion_memory, "text")
+
     def forward(self, cache: EncodingCache) -> ObjectiveOutput:
         if self.mask_id is None:
             raise RuntimeError("MLMObjective.setup(tokenizer, ...) was not called")

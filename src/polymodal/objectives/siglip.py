@@ -68,9 +68,12 @@ class SigLIPObjective(Objective):
         # None: (the model's paired modality, text), e.g. (audio, text) for an audio model
         self.modalities = None if modalities is None else tuple(modalities)
 
+    def needs(self, cache: EncodingCache) -> tuple[str, ...]:
+        return self.modalities or (cache.paired_modality, "text")
+
     def forward(self, cache: EncodingCache) -> ObjectiveOutput:
         scale, bias = cache.model.contrastive_scale()
-        first, second = self.modalities or (cache.model.paired_modality, "text")
+        first, second = self.needs(cache)
         loss = siglip_loss(
             cache.embedding(first), cache.embedding(second), scale, bias, distributed=self.training
         )

@@ -124,6 +124,14 @@ def build_module(cfg: DictConfig) -> PretrainModule:
     return instantiate(cfg.task, model=instantiate(cfg.model))
 
 
+def applies(objective: Objective, cache: EncodingCache) -> bool:
+    """Whether the batch holds every modality the objective needs."""
+    try:
+        return all(cache.holds(m) for m in objective.needs(cache))
+    except ValueError:  # no modality to pair with the text
+        return False
+
+
 def build_objectives(
     specs: Mapping, shared: Mapping | None = None
 ) -> tuple[nn.ModuleDict, dict[str, float]]:
@@ -185,7 +193,8 @@ class PretrainModule(L.LightningModule):
         self.nonfinite_in_a_row = 0
         self._loss_finite: Tensor | None = None
         self.evaluation_cfg = evaluation
-        self.report: ValidationReport | None = None
+        # val set name ("" for data.val_shards) -> its report, metrics under val/[<name>/]
+        self.reports: dict[str, ValidationReport] = {}
         self.tokenizer = None
         # the resolved run config; the app sets it, and checkpoints carry it (polymodal.load)
         self.run_config: dict | None = None
@@ -202,20 +211,41 @@ class PretrainModule(L.LightningModule):
                 f"model.vocab_size={rows} < tokenizer vocabulary {self.tokenizer.vocab_size} "
                 f"({datamodule.tokenizer_path})"
             )
-        spec = plain_dict(getattr(datamodule, "zeroshot", None))
-        values = values_reader(getattr(datamodule, "val_shards", None), "data.val_shards")
-        zeroshot = zeroshot_tasks(spec, "data.zeroshot", values)
-        self.report = ValidationReport(zeroshot, **self.evaluation_cfg)
+        sets = getattr(datamodule, "validation_sets", None) or {
+            "": {
+                "shards": getattr(datamodule, "val_shards", None),
+                "zeroshot": getattr(datamodule, "zeroshot", None),
+                "field": "data.val_shards",
+            }
+        }
+        self.reports, class_names = {}, {}
+        for name, spec in sets.items():
+            where = f"data.val_sets.{name}" if name else "data"
+            values = values_reader(spec["shards"], spec["field"])
+            zeroshot = zeroshot_tasks(plain_dict(spec["zeroshot"]), f"{where}.zeroshot", values)
+            self.reports[name] = ValidationReport(zeroshot, **self.evaluation_cfg)
+            class_names.update(self.reports[name].class_names)
         for objective in self.objectives.values():
-            objective.setup(self.tokenizer, self.report.class_names)
+            objective.setup(self.tokenizer, class_names)
 
     def step_losses(self, cache: EncodingCache) -> tuple[Tensor, dict[str, Tensor]]:
-        total, logs = 0.0, {}
+        """The weighted sum of the objectives whose modalities the batch holds (a mix of
+        sources leaves some out of some batches) and what they log."""
+        total, logs = None, {}
         for name, objective in self.objectives.items():
+            if not applies(objective, cache):
+                continue
             out = objective(cache)
-            total = total + self.weights[name] * out.loss
+            weighted = self.weights[name] * out.loss
+            total = weighted if total is None else total + weighted
             logs[f"{name}/loss"] = out.loss.detach()
             logs.update({f"{name}/{k}": v for k, v in out.logs.items()})
+        if total is None:
+            source = f" of data.sources.{cache.batch['source']}" if "source" in cache.batch else ""
+            raise ConfigError(
+                f"a batch{source} holds none of the modalities any of task.objectives "
+                f"({list(self.objectives)}) needs"
+            )
         return total, logs
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
@@ -234,6 +264,8 @@ class PretrainModule(L.LightningModule):
         size = len(batch["key"])
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=size)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size)
+        if "source" in batch:  # a mix of sources: each one's loss too
+            self.log(f"train/{batch['source']}/loss", loss.detach(), batch_size=size)
         # this rank's running count (a per-step all-reduce would cost a sync every step);
         # on_train_end reports the sum over ranks
         self.log("data/skipped_samples", float(self.skipped_samples.total()), batch_size=size)
@@ -357,70 +389,93 @@ class PretrainModule(L.LightningModule):
             self.trainer.callback_metrics[key] = torch.tensor(value)
 
     def on_validation_epoch_start(self) -> None:
-        self.report.reset()
+        for report in self.reports.values():
+            report.reset()
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        size = len(batch["key"])
+    def val_prefix(self, name: str) -> str:
+        return f"val/{name}/" if name else "val/"
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        name = list(self.reports)[dataloader_idx]
+        prefix, size = self.val_prefix(name), len(batch["key"])
         cache = EncodingCache(self.model, batch)
         # masks and negatives drawn in validation are seeded per batch, so val metrics
-        # are comparable across evaluations and training's random stream is untouched
+        # are comparable across evaluations and training's random stream is untouched;
+        # names are unique per val set, so Lightning needs no dataloader_idx suffix
+        log = {"batch_size": size, "sync_dist": True, "add_dataloader_idx": False}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(batch_idx)
             loss, logs = self.step_losses(cache)
-            self.log("val/loss", loss, batch_size=size, sync_dist=True)
-            logs = {f"val/{k}": v for k, v in logs.items()}
-            self.log_dict(logs, batch_size=size, sync_dist=True)
-            for name, objective in self.objectives.items():
+            self.log(f"{prefix}loss", loss, **log)
+            self.log_dict({f"{prefix}{k}": v for k, v in logs.items()}, **log)
+            for objective_name, objective in self.objectives.items():
+                if not applies(objective, cache):
+                    continue
                 for key, (value, count) in objective.validation_metrics(cache).items():
-                    self.log(f"val/{name}/{key}", value, batch_size=count, sync_dist=True)
-        self.report.update(cache, batch_idx, self.generate)
+                    self.log(
+                        f"{prefix}{objective_name}/{key}",
+                        value,
+                        **{**log, "batch_size": count},
+                    )
+        self.reports[name].update(cache, batch_idx, self.generate)
 
     def encode_prompts(self, prompts: list[str]) -> Tensor:
         ids, mask = self.tokenizer.encode(prompts)
         return self.model.embed("text", ids.to(self.device), mask.to(self.device))
 
     def on_validation_epoch_end(self) -> None:
-        with full_params(self.trainer.model):  # the text tower runs outside a step here
-            metrics = self.report.compute(self.model, self.encode_prompts)
-        if self.report.captions:
-            self.log_caption_samples()
-        if self.report.media_samples > 0 and self.trainer.is_global_zero:
-            self.log_media()
-        # identical on every rank; sync_dist only tells Lightning so (no extra meaning)
-        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=True)
-        self.report.reset()
+        for name, report in self.reports.items():
+            with full_params(self.trainer.model):  # the text tower runs outside a step here
+                metrics = report.compute(self.model, self.encode_prompts)
+            if report.captions:
+                self.log_caption_samples(name, report)
+            if report.media_samples > 0 and self.trainer.is_global_zero:
+                self.log_media(name, report)
+            # identical on every rank; sync_dist only tells Lightning so (no extra meaning)
+            prefix = self.val_prefix(name)
+            self.log_dict(
+                {f"{prefix}{k}": v for k, v in metrics.items()},
+                sync_dist=True,
+                add_dataloader_idx=False,
+            )
+            report.reset()
 
-    def log_caption_samples(self) -> None:
+    def log_caption_samples(self, name: str, report: ValidationReport) -> None:
         """A few generated captions next to the references: a wandb table when wandb is
-        a logger, and always `<root>/samples/captions_step<N>.jsonl`."""
-        rows = self.report.caption_rows()
+        a logger, and always `<root>/samples/captions[_<val set>]_step<N>.jsonl`."""
+        rows = report.caption_rows()
         for logger in self.loggers:
             if hasattr(logger, "log_text"):
-                logger.log_text(key="val/captions", columns=["generated", "reference"], data=rows)
+                key = f"{self.val_prefix(name)}captions"
+                logger.log_text(key=key, columns=["generated", "reference"], data=rows)
         if self.trainer.is_global_zero:
             out = Path(self.trainer.default_root_dir) / "samples"
             out.mkdir(parents=True, exist_ok=True)
             lines = [json.dumps({"generated": g, "reference": r}) for g, r in rows]
-            (out / f"captions_step{self.global_step}.jsonl").write_text("\n".join(lines) + "\n")
+            stem = f"captions_{name}" if name else "captions"
+            (out / f"{stem}_step{self.global_step}.jsonl").write_text("\n".join(lines) + "\n")
 
-    def log_media(self) -> None:
+    def log_media(self, name: str, report: ValidationReport) -> None:
         """Zero-shot confusion matrices and retrieval examples of this validation: PNG and
-        CSV under `<root>/media/` (suffix `_step<N>`), and images + a table in wandb."""
+        CSV under `<root>/media/` (suffix `[_<val set>]_step<N>`), and images + a table in
+        wandb."""
         if self.trainer.sanity_checking:
             return
         out = Path(self.trainer.default_root_dir) / "media"
         audio = getattr(self.trainer.datamodule, "audio", None) or {}
+        suffix = f"_{name}_step{self.global_step}" if name else f"_step{self.global_step}"
         pictures, examples = write_evaluation_media(
-            self.report.evaluator,
-            self.report.media_images,
+            report.evaluator,
+            report.media_images,
             out,
-            f"_step{self.global_step}",
-            sounds=self.report.media_sounds,
+            suffix,
+            sounds=report.media_sounds,
             sample_rate=audio.get("sample_rate"),
         )
         for logger in self.loggers:
             if isinstance(logger, WandbLogger):
-                log_media_to_wandb(logger, pictures, examples, self.global_step)
+                prefix = self.val_prefix(name)
+                log_media_to_wandb(logger, pictures, examples, self.global_step, prefix)
 
     @torch.no_grad()
     def generate(

@@ -3,7 +3,8 @@
 `optimized_metric: auto` follows what the run validates, decided here alone: zero-shot
 mean accuracy when `data.zeroshot` is set, else mean retrieval R@1 when there are val
 shards and `task.evaluation.retrieval`, else the val loss; without val shards, the train
-loss. An explicit name is kept. The direction follows the name (losses and ranks: min).
+loss. With `data.val_sets`, the same for the first set (`val/<name>/...`). An explicit
+name is kept. The direction follows the name (losses and ranks: min).
 """
 
 from __future__ import annotations
@@ -19,13 +20,18 @@ def optimized_metric(cfg: DictConfig) -> str:
     if name != AUTO:
         return name
     data, evaluation = cfg.data, cfg.task.get("evaluation") or {}
-    if data.get("val_shards") is None:
+    if data.get("val_sets"):  # the first val set's metric
+        name, spec = next(iter(data.val_sets.items()))
+        prefix, zeroshot = f"val/{name}/", spec.get("zeroshot")
+    elif data.get("val_shards") is not None:
+        prefix, zeroshot = "val/", data.get("zeroshot")
+    else:
         return "train/loss"
-    if data.get("zeroshot"):
-        return "val/zeroshot/mean_acc"
+    if zeroshot:
+        return f"{prefix}zeroshot/mean_acc"
     if evaluation.get("retrieval", True):
-        return "val/retrieval/mean_r1"
-    return "val/loss"
+        return f"{prefix}retrieval/mean_r1"
+    return f"{prefix}loss"
 
 
 def metric_mode(name: str) -> str:
