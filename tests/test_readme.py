@@ -66,6 +66,7 @@ SCRIPT_ARGUMENTS = {
     "retrieval.py": ["--images", "200", "--chunk-sizes", "64"],
     "generation.py": ["--batches", "1", "--max-length", "8"],
     "recipes.py": TRAIN_ARGUMENTS,
+    "cross_modal.py": ["--pairs", "32"],  # the small val sets of the README run
 }
 # commands that start several training processes (ranks, sweep jobs, trials): minutes each
 # on a 2-core CPU, so they run with the slow tests (`make test-all`, which .ci/run runs)
@@ -102,8 +103,9 @@ def first_value(override: str) -> str:
 
 
 def generated_sizes(overrides: list[str]) -> dict[str, int]:
-    """The small sizes of the built-in dataset a `polymodal-train` run with these
-    overrides generates (its `data.prepare`), or none: only then do its size keys exist.
+    """The small sizes (config key -> value) of the built-in datasets a `polymodal-train`
+    run with these overrides generates (its `data.prepare`), or none: only then do their
+    size keys exist.
     Overrides that do not compose are the command's own error to report: then none."""
     plain = [
         first_value(o)
@@ -115,8 +117,18 @@ def generated_sizes(overrides: list[str]) -> dict[str, int]:
             cfg = compose("train", overrides=plain)
     except HydraException:
         return {}
-    target = str(OmegaConf.select(cfg, "data.prepare._target_"))
-    return PREPARE_SIZES.get(target.rpartition(".")[2], {})
+    prepare = OmegaConf.select(cfg, "data.prepare")
+    if prepare is None:
+        return {}
+    # a mix of sources (data=trimodal) prepares each of its datasets
+    steps = {f"data.prepare.datasets.{n}": s for n, s in prepare.get("datasets", {}).items()}
+    sizes = {}
+    for where, step in (steps or {"data.prepare": prepare}).items():
+        target = str(step.get("_target_"))
+        sizes.update(
+            {f"{where}.{k}": v for k, v in PREPARE_SIZES.get(target.rpartition(".")[2], {}).items()}
+        )
+    return sizes
 
 
 def train_arguments(overrides: list[str]) -> list[str]:
@@ -124,7 +136,7 @@ def train_arguments(overrides: list[str]) -> list[str]:
     if any(o in ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info") for o in overrides):
         return []
     extra = list(TRAIN_ARGUMENTS)
-    extra += [f"data.prepare.{k}={v}" for k, v in generated_sizes(overrides).items()]
+    extra += [f"{k}={v}" for k, v in generated_sizes(overrides).items()]
     if any(o.startswith(("hparams_search=", "hydra.sweeper.n_trials=")) for o in overrides):
         extra.append("hydra.sweeper.n_trials=2")
     return extra

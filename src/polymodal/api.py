@@ -46,7 +46,8 @@ class Polymodal:
     the ones the model was trained with, in their evaluation form (images: resize +
     centre crop + CLIP normalisation; clips: the first `data.audio.seconds`, no masking).
     `modality` is what the checkpoint's texts describe: its first modality besides text
-    (image or audio); shard tools and `zero_shot` work on it.
+    (image or audio); shard tools and `zero_shot` work on it. A checkpoint of several
+    (`experiment=trimodal`) switches with `model.modality = "audio"`.
     """
 
     def __init__(self, module: PretrainModule, config: dict, tokenizer: TextTokenizer) -> None:
@@ -55,10 +56,21 @@ class Polymodal:
         self.tokenizer = tokenizer
         self.transform = image_transform(config["data"]["image_size"], train=False)
         modalities = self.module.model.modalities
-        self.modality = self.module.model.paired_modality
+        self._modality = self.module.model.paired_modality
         self.audio = None
         if "audio" in modalities:
             self.audio = AudioClips(False, **config["data"]["audio"])
+
+    @property
+    def modality(self) -> str:
+        return self._modality
+
+    @modality.setter
+    def modality(self, modality: str) -> None:
+        choices = [m for m in self.module.model.modalities if m != "text"]
+        if modality not in choices:
+            raise ConfigError(f"modality: {modality!r} is not one of this checkpoint's {choices}")
+        self._modality = modality
 
     @property
     def device(self) -> torch.device:

@@ -27,6 +27,8 @@ from polymodal.utils.validate import check_types
 def embed(cfg: DictConfig) -> dict:
     """Embed `cfg.shards` with the checkpoint `cfg.ckpt_path`; returns a summary."""
     model = polymodal.load(cfg.ckpt_path, device=cfg.device)
+    if cfg.get("modality"):
+        model.modality = cfg.modality
     result = model.embed_shards(cfg.shards, batch_size=cfg.batch_size)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)

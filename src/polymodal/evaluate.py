@@ -17,8 +17,9 @@ Each entry of `eval.benchmarks` names a `kind`:
   captions, with `wer: true` the word error rate against each sample's first text (a
   transcript: speech recognition); every generated caption to `captions/<name>.jsonl`.
 
-Benchmarks read the checkpoint's modality (image or audio, `Polymodal.modality`):
-zero-shot, retrieval and probes of an audio checkpoint score clips against texts.
+Benchmarks read the checkpoint's modality (image or audio, `Polymodal.modality`; the
+`modality` key picks one of a checkpoint of several): zero-shot, retrieval and probes of
+an audio checkpoint score clips against texts.
 """
 
 from __future__ import annotations
@@ -155,6 +156,8 @@ BENCHMARKS = {
 def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     """Every benchmark of `cfg.eval.benchmarks` on `cfg.ckpt_path`; flat `<name>/<metric>`."""
     model = polymodal.load(cfg.ckpt_path, device=cfg.device)
+    if cfg.get("modality"):
+        model.modality = cfg.modality
     metrics: dict[str, float] = {}
     for name, spec in OmegaConf.to_container(cfg.eval.benchmarks, resolve=True).items():
         kind = spec.get("kind")

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -168,3 +171,57 @@ def test_transcribe_and_the_speech_benchmark(asr, spoken_dir, tmp_path):
     references = {r["key"]: r["references"] for r in rows}
     transcripts = {k: t for k, _, t in val_clips(spoken_dir, count=16)}
     assert all(references[k] == [transcripts[k]] for k in references if k in transcripts)
+
+
+def test_a_trimodal_checkpoint_serves_both_modalities(sounds_dir, shapes_dir, tmp_path):
+    """experiment=trimodal, its joint tokenizer made from both sources' shards: the
+    checkpoint embeds sounds with `modality=audio` (polymodal-embed; images by default),
+    refuses a modality it lacks, and the cross-modal benchmark prints R@k beside chance."""
+    ckpt, _ = train_tiny(
+        tmp_path / "run",
+        shapes_dir,
+        "experiment=trimodal",
+        f"paths.sounds_dir={sounds_dir}",
+        "model.towers.audio.depth=1",
+    )
+    assert (tmp_path / "run" / "data" / "trimodal" / "tokenizer.json").exists()
+    model = polymodal.load(ckpt)
+    assert model.modality == "image"
+    with pytest.raises(ConfigError, match="not one of this checkpoint's"):
+        model.modality = "text"
+    out = tmp_path / "emb"
+    settings = {"shards": str(sounds_dir / "val" / "*.tar"), "out_dir": str(out)}
+    embed(
+        OmegaConf.create(
+            {
+                "ckpt_path": str(ckpt),
+                **settings,
+                "batch_size": 16,
+                "device": "cpu",
+                "modality": "audio",
+            }
+        )
+    )
+    model.modality = "audio"
+    expected = model.encode_audio([data for _, data, _ in val_clips(sounds_dir)])
+    np.testing.assert_allclose(np.load(out / "audio_embeddings.npy")[:4], expected, atol=1e-5)
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "cross_modal.py"
+    args = [
+        "--pairs",
+        "32",
+        "--images",
+        str(shapes_dir / "val"),
+        "--sounds",
+        str(sounds_dir / "val"),
+    ]
+    done = subprocess.run(
+        [sys.executable, str(script), str(ckpt), *args], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [
+        line.split() for line in done.stdout.splitlines() if line.startswith(("image", "sound"))
+    ]
+    assert len(rows) == 6
+    for *_, k, recall, chance, factor in rows:
+        assert float(chance) == pytest.approx(int(k) / 32, abs=1e-3)
+        assert float(factor) == pytest.approx(float(recall) / float(chance), abs=0.06)

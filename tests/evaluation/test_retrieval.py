@@ -1,8 +1,11 @@
+import math
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from polymodal.evaluation.retrieval import retrieval_metrics
+from polymodal.evaluation.retrieval import anchor_profiles, retrieval_metrics
 from tests.helpers import embeddings_for
 
 
@@ -157,3 +160,28 @@ def test_reranking_by_an_oracle_scorer_fixes_recall_at_1():
     result = reranked_recall_at_1(image, text, pairs, oracle, k=3)
     assert result == {"i2t_r1_reranked": 1.0, "t2i_r1_reranked": 1.0}
     assert reranked_recall_at_1(image, text, pairs, oracle, k=1)["i2t_r1_reranked"] == 0.0
+
+
+def test_anchor_profiles_score_the_chance_of_picking_the_same_anchor_pair():
+    """profiles_a @ profiles_b.T = sum_k p_a(k) p_b(k) (written out here), and items that
+    sit on their own anchors retrieve their pair through them."""
+    generator = torch.Generator().manual_seed(0)
+
+    def unit(*shape: int) -> torch.Tensor:
+        return F.normalize(torch.randn(*shape, generator=generator), dim=-1)
+
+    a, b, anchors_a, anchors_b = unit(5, 8), unit(4, 8), unit(3, 8), unit(3, 8)
+    pa, pb = anchor_profiles(a, anchors_a, 10.0), anchor_profiles(b, anchors_b, 10.0)
+    for i in range(5):
+        for j in range(4):
+            sa = [math.exp(10.0 * float(a[i] @ t)) for t in anchors_a]
+            sb = [math.exp(10.0 * float(b[j] @ t)) for t in anchors_b]
+            expected = sum(x / sum(sa) * y / sum(sb) for x, y in zip(sa, sb, strict=True))
+            assert float(pa[i] @ pb[j]) == pytest.approx(expected, rel=1e-5)
+    images, sounds = unit(6, 8), unit(6, 8)  # each on its own anchor: pairs found exactly
+    metrics = retrieval_metrics(
+        anchor_profiles(images, images, 50.0),
+        anchor_profiles(sounds, sounds, 50.0),
+        torch.arange(6),
+    )
+    assert metrics["i2t_r1"] == metrics["t2i_r1"] == 1.0

@@ -156,3 +156,13 @@ def reranked_recall_at_1(
         "i2t_r1_reranked": (text_to_image[best_text] == images).float().mean().item(),
         "t2i_r1_reranked": (best_image == text_to_image).float().mean().item(),
     }
+
+
+def anchor_profiles(embeddings: Tensor, anchors: Tensor, scale: float) -> Tensor:
+    """[N, K] softmax over K text anchors of `scale` x cosine similarity: where each item
+    sits among the anchors. Two modalities that never met in a batch, each aligned with
+    text, compare through their profiles over paired anchors (anchor k of one modality
+    describes what anchor k of the other pairs with): `profiles_a @ profiles_b.T` is the
+    probability that both pick the same anchor pair, so `retrieval_metrics(profiles_a,
+    profiles_b, ...)` scores retrieval between them through text."""
+    return (scale * embeddings.float() @ anchors.float().T).softmax(dim=-1)
