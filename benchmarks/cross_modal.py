@@ -8,6 +8,12 @@ pairing), and pair k's two captions are anchor pair k. Each image's softmax over
 anchors and each clip's over the audio anchors (`anchor_profiles`, at the model's
 temperature) are compared by dot product: image k retrieves clip k when both point at
 anchor pair k. Prints R@1/5/10 both ways beside chance (k / N) and the factor over it.
+
+An anchor-consistency check: it is the product of the two modalities' text retrieval, so
+two separate models (a CLIP and a CLAP) would score the same; shapes and sounds share no
+concept that could tie an image to a sound directly. Ties count for the positive (as in
+`retrieval_metrics`): a collapsed encoder would score high, so read it beside the
+per-modality retrieval of the run's validation.
 """
 
 from __future__ import annotations

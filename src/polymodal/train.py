@@ -77,14 +77,24 @@ def output_dir_lock(cfg: DictConfig) -> Iterator[None]:
 def ddp_for_mixed_sources(cfg: DictConfig) -> None:
     """With `data.sources`, a step trains only its batch's modalities (an image-text step
     leaves the audio stem unused): DDP must then look for unused parameters, and cannot
-    assume one graph for every step (static_graph)."""
-    strategy = cfg.trainer.get("strategy")
-    if not (cfg.data.get("sources") and isinstance(strategy, DictConfig)):
+    assume one graph for every step (static_graph). Covers our DDPStrategy presets and
+    Lightning's strategy names ("ddp", "ddp_spawn", and "auto" on several devices)."""
+    if not cfg.data.get("sources"):
         return
-    if str(strategy.get("_target_", "")).endswith("DDPStrategy"):
-        with open_dict(strategy):
-            strategy.static_graph = False
-            strategy.find_unused_parameters = True
+    strategy = cfg.trainer.get("strategy")
+    if isinstance(strategy, DictConfig):
+        if str(strategy.get("_target_", "")).endswith("DDPStrategy"):
+            with open_dict(strategy):
+                strategy.static_graph = False
+                strategy.find_unused_parameters = True
+        return
+    devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1) or 1
+    several = nodes > 1 or devices == -1 or (isinstance(devices, int) and devices > 1)
+    names = {n: n for n in ("ddp", "ddp_spawn", "ddp_fork")} | {"auto": "ddp" if several else None}
+    name = names.get(strategy or "auto")
+    if name is not None:
+        with open_dict(cfg.trainer):
+            cfg.trainer.strategy = f"{name}_find_unused_parameters_true"
 
 
 def train(cfg: DictConfig) -> dict[str, float]:

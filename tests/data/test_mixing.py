@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from tokenizers import Tokenizer
 
 from polymodal.data.audio import AudioClips
@@ -14,7 +15,9 @@ from polymodal.data.shards import SampleDecoder, expand_shards
 from polymodal.data.stream import MixedSamples, ShardedSamples, source_of_batch
 from polymodal.data.tokenizer import TextTokenizer
 from polymodal.data.transforms import image_transform
+from polymodal.train import ddp_for_mixed_sources
 from polymodal.utils.errors import ConfigError
+from tests.helpers import compose_train
 
 
 @pytest.mark.parametrize("weights", [{"a": 3.0, "b": 1.0}, {"a": 1.0, "b": 1.0, "c": 2.0}])
@@ -116,9 +119,21 @@ def test_joint_tokenizer_is_trained_once_on_every_source(shapes_dir, sounds_dir,
     [
         ({"train_shards": "x.tar"}, "data.sources replaces data.train_shards"),
         ({"resampled": False}, "set data.resampled=true"),
-        ({"sources": {"a": {"shards": "x.tar", "wieght": 2}}}, "data.sources.a: needs shards"),
+        (
+            {"sources": {"a": {"shards": "x.tar", "wieght": 2}}},
+            r"data.sources.a: unknown \['wieght'\]",
+        ),
+        ({"sources": {"a": {"weight": 2}}}, "data.sources.a.shards: required"),
         ({"sources": {"a": {"shards": "x.tar", "modalities": ["audio"]}}}, "not all in"),
         ({"val_shards": "x.tar", "val_sets": {"a": {"shards": "y"}}}, "set data.val_shards=null"),
+        ({"val_shards": "x.tar"}, "validate with data.val_sets"),
+        ({"val_sets": {"a": {"shards": "y", "zeroshot": {}}}, "zeroshot": {"c": {}}}, "own"),
+        ({"val_sets": {"a": {"shards": "y", "modality": ["image"]}}}, r"unknown \['modality'\]"),
+        ({"sources": {"a/b": {"shards": "x.tar"}}}, "names are letters"),
+        *(
+            ({"sources": {"a": {"shards": "x.tar", "weight": w}}}, "data.sources.a.weight")
+            for w in (0, -1, "abc", float("nan"), float("inf"), True)
+        ),
     ],
 )
 def test_bad_mix_settings_fail_in_one_line(change, message):
@@ -132,3 +147,54 @@ def test_bad_mix_settings_fail_in_one_line(change, message):
     }
     with pytest.raises(ConfigError, match=message):
         WebDataModule(**settings)
+
+
+@pytest.mark.parametrize(
+    ("trainer", "expected"),
+    [
+        ({"strategy": "ddp", "devices": 2}, "ddp_find_unused_parameters_true"),
+        ({"strategy": "ddp_spawn", "devices": 2}, "ddp_spawn_find_unused_parameters_true"),
+        ({"strategy": "auto", "devices": 4}, "ddp_find_unused_parameters_true"),
+        ({"devices": 1, "num_nodes": 2}, "ddp_find_unused_parameters_true"),
+        ({"strategy": "auto", "devices": 1}, "auto"),
+        ({"strategy": "fsdp", "devices": 2}, "fsdp"),
+        (
+            {
+                "strategy": {
+                    "_target_": "lightning.pytorch.strategies.DDPStrategy",
+                    "static_graph": True,
+                }
+            },
+            {
+                "_target_": "lightning.pytorch.strategies.DDPStrategy",
+                "static_graph": False,
+                "find_unused_parameters": True,
+            },
+        ),
+    ],
+)
+def test_ddp_looks_for_unused_parameters_in_a_mix(trainer, expected):
+    """A step of one source leaves the other's stem unused: every DDP form of
+    trainer.strategy is made to find unused parameters (others are left alone)."""
+    cfg = OmegaConf.create({"data": {"sources": {"a": {}}}, "trainer": trainer})
+    ddp_for_mixed_sources(cfg)
+    assert OmegaConf.to_container(cfg.trainer).get("strategy", "auto") == expected
+    plain = OmegaConf.create({"data": {"sources": {}}, "trainer": dict(trainer)})
+    ddp_for_mixed_sources(plain)  # no mix: untouched
+    assert OmegaConf.to_container(plain.trainer) == trainer
+
+
+@pytest.mark.parametrize(
+    ("overrides", "monitor"),
+    [
+        ([], "val/shapes/zeroshot/mean_acc"),  # the first set's
+        (["data.val_sets.shapes.zeroshot=null"], "val/shapes/retrieval/mean_r1"),
+        (
+            ["data.val_sets.shapes.zeroshot=null", "task.evaluation.retrieval=false"],
+            "val/shapes/loss",
+        ),
+    ],
+)
+def test_checkpoint_monitor_follows_the_first_val_set(tmp_path, overrides, monitor):
+    cfg = compose_train(["experiment=trimodal", *overrides], tmp_path, tmp_path)
+    assert cfg.callbacks.model_checkpoint.monitor == monitor

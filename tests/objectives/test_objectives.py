@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from polymodal.evaluation.validation import ValidationReport
 from polymodal.objectives.base import IGNORE_INDEX, EncodingCache
 from polymodal.objectives.caption import caption_loss
 from polymodal.objectives.itm import same_pair_mask, sample_hard_negatives
@@ -129,20 +130,34 @@ def test_caption_loss_matches_manual_cross_entropy():
     np.testing.assert_allclose(logits.grad.numpy(), grad / len(terms), atol=1e-12)
 
 
+def fail(**kwargs):
+    raise AssertionError("no captions for a batch without the decoder's memory")
+
+
 def test_objectives_skip_batches_without_their_modalities(tmp_path):
     """In a trimodal mix an audio-text batch trains contrastive audio-text alone (MIM and
     the image-captioning decoder need images); an image-text batch trains all three."""
-    extra = ["+task.objectives.mim.weight=0.5", "+task.objectives.caption.weight=1"]
+    extra = [
+        "+task.objectives.mim.weight=0.5",
+        "+task.objectives.caption.weight=1",
+        "+task.objectives.itm.weight=1",
+    ]
     cfg = compose_train(["experiment=trimodal", *extra], tmp_path, tmp_path)
     module = build_module(cfg)
-    text = random_batch(4, context_length=32)
+    text = {**random_batch(4, context_length=32), "meta": [{}] * 4, "text": ["a"] * 4}
+    text["key"] = [f"k{i}" for i in range(4)]
     images = {**text, "image": torch.randn(4, 3, 64, 64)}
     sounds = {k: v for k, v in text.items() if k != "image"}
     sounds["audio"] = torch.randn(4, 1, 64, 100)  # log-mel spectrograms
     _, image_logs = module.step_losses(EncodingCache(module.model, images))
     _, audio_logs = module.step_losses(EncodingCache(module.model, sounds))
-    assert {"itc/loss", "mim/loss", "caption/loss"} <= set(image_logs)
+    assert {"itc/loss", "mim/loss", "caption/loss", "itm/loss"} <= set(image_logs)
     assert {k for k in audio_logs if k.endswith("loss")} == {"itc/loss"}
+    # validation of the sounds set: scored against its texts, no ITM re-ranking or
+    # captions (the fusion and the decoder attend to images)
+    report = ValidationReport(media_samples=0)
+    report.update(EncodingCache(module.model, sounds), 0, fail)
+    assert len(report.evaluator.metas) == 4 and not report._tokens and not report.captions
     text_only = {k: v for k, v in sounds.items() if k != "audio"}
     with pytest.raises(ConfigError, match="holds none of the modalities"):
         module.step_losses(EncodingCache(module.model, text_only))

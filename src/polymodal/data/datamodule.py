@@ -10,7 +10,9 @@ batching all happen inside the loader workers.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import re
 import signal
 from collections.abc import Callable, Mapping, Sequence
 
@@ -85,7 +87,8 @@ VAL_SET_KEYS = {"shards", "modalities", "zeroshot"}
 
 class WebDataModule(L.LightningDataModule):
     """Shards -> batches {image, audio, text_ids, text_mask, text, key, meta, skipped}
-    holding `modalities` (each sample must have all of them).
+    holding `modalities` (each sample must have all of them; a source or val set may
+    name fewer).
 
     `sources` (name -> {shards, weight, modalities}) replaces `train_shards` with several
     shard sets mixed per batch (MixedSamples: one run trains image-text and audio-text),
@@ -150,6 +153,16 @@ class WebDataModule(L.LightningDataModule):
             raise ConfigError(
                 "data.sources: mixed sources draw shards with replacement; set data.resampled=true"
             )
+        if self.sources and val_shards is not None:  # its samples would need every modality
+            raise ConfigError(
+                "data.sources: validate with data.val_sets (each with its modalities), "
+                "and set data.val_shards=null"
+            )
+        if self.val_sets and self.zeroshot:
+            raise ConfigError(
+                "data.zeroshot: with data.val_sets each set has its own "
+                "(data.val_sets.<name>.zeroshot); set data.zeroshot={}"
+            )
         self.counts: dict[tuple[str, ...], list[int]] = {}  # shard list -> sizes, read once
         self.tokenizer: TextTokenizer | None = None
         # the training stream's position: the last trained batch of each loader worker
@@ -157,23 +170,25 @@ class WebDataModule(L.LightningDataModule):
         self.resume: dict = {}  # a checkpoint's position, applied by train_dataloader
 
     def named_sets(
-        self, field: str, sets: Mapping[str, Mapping] | None, keys: set[str], plain: object
+        self, field: str, sets: Mapping[str, Mapping] | None, keys: set[str], replaced: object
     ) -> dict[str, dict]:
         """`data.sources` / `data.val_sets` checked, each set's modalities filled in
-        (default: data.modalities) and its weight (default 1)."""
+        (default: data.modalities) and a source's weight (default 1)."""
         if not sets:
             return {}
         other = "train_shards" if field == "sources" else "val_shards"
-        if plain is not None:
+        if replaced is not None:
             raise ConfigError(f"data.{field} replaces data.{other}: set data.{other}=null")
         result = {}
         for name, spec in sets.items():
             spec = dict(spec or {})
+            if not re.fullmatch(r"[A-Za-z0-9_-]+", str(name)):
+                raise ConfigError(f"data.{field}.{name}: names are letters, digits, _ and -")
             unknown = sorted(set(spec) - keys)
-            if unknown or "shards" not in spec:
-                raise ConfigError(
-                    f"data.{field}.{name}: needs shards, takes {sorted(keys)} (got {sorted(spec)})"
-                )
+            if unknown:
+                raise ConfigError(f"data.{field}.{name}: unknown {unknown} (takes {sorted(keys)})")
+            if "shards" not in spec:
+                raise ConfigError(f"data.{field}.{name}.shards: required")
             modalities = tuple(spec.get("modalities") or self.modalities)
             if not set(modalities) <= set(self.modalities):
                 raise ConfigError(
@@ -182,7 +197,11 @@ class WebDataModule(L.LightningDataModule):
                 )
             spec["modalities"] = modalities
             if field == "sources":
-                spec["weight"] = float(spec.get("weight", 1.0))
+                weight = spec.get("weight", 1.0)
+                ok = isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0
+                if not ok or isinstance(weight, bool):
+                    raise ConfigError(f"data.sources.{name}.weight: {weight!r}; a number > 0")
+                spec["weight"] = float(weight)
             result[str(name)] = spec
         return result
 
@@ -214,18 +233,19 @@ class WebDataModule(L.LightningDataModule):
             except FileNotFoundError as err:
                 raise ConfigError(f"data.tokenizer: {err}") from err
         if stage in ("fit", None):
-            for field, urls, modalities in self.train_parts():
+            for _, field, urls, modalities in self.train_parts():
                 self.check_usable(urls, field, modalities)
 
-    def train_parts(self) -> list[tuple[str, list[str], tuple[str, ...]]]:
-        """(config field, shard urls, modalities) of each training source."""
-        fields = {"data.train_shards": (self.train_shards, self.modalities)}
+    def train_parts(self) -> list[tuple[str, str, list[str], tuple[str, ...]]]:
+        """(source name, config field, shard urls, modalities) of each training source;
+        data.train_shards is the source ""."""
+        parts = [("", "data.train_shards", self.train_shards, self.modalities)]
         if self.sources:
-            fields = {
-                f"data.sources.{name}.shards": (spec["shards"], spec["modalities"])
+            parts = [
+                (name, f"data.sources.{name}.shards", spec["shards"], spec["modalities"])
                 for name, spec in self.sources.items()
-            }
-        return [(f, expand_shards(shards, f), m) for f, (shards, m) in fields.items()]
+            ]
+        return [(n, f, expand_shards(shards, f), m) for n, f, shards, m in parts]
 
     def check_usable(
         self, urls: Sequence[str], field: str, modalities: Sequence[str] | None = None
@@ -304,8 +324,7 @@ class WebDataModule(L.LightningDataModule):
             name=name,
         )
 
-    def loader(self, dataset: BatchStream, batches: int) -> wds.WebLoader:
-        workers = min(self.num_workers, max(batches, 1))
+    def loader(self, dataset: BatchStream, workers: int) -> wds.WebLoader:
         # the dataset yields exactly `batches` per epoch: no with_epoch, which would fill a
         # resumed epoch's remainder with the next epoch's batches
         return wds.WebLoader(
@@ -323,21 +342,21 @@ class WebDataModule(L.LightningDataModule):
             batches = self.batches_per_epoch()
             streams = {
                 name: self.samples(urls, None, True, modalities, batches, name)
-                for (_, urls, modalities), name in zip(parts, self.sources, strict=True)
+                for name, _, urls, modalities in parts
             }
             weights = {name: spec["weight"] for name, spec in self.sources.items()}
             dataset: BatchStream = MixedSamples(streams, weights)
-            shards = [[n, len(u), weights[n]] for (_, u, _), n in zip(parts, weights, strict=True)]
+            shards = [[name, len(urls), weights[name]] for name, _, urls, _ in parts]
         else:
-            ((field, urls, _),) = parts
+            ((_, field, urls, _),) = parts
             sizes = None if self.resampled else self.shard_sizes(urls, field)
             batches = self.batches_per_epoch(sizes)
             dataset, shards = self.samples(urls, sizes, True, batches=batches), len(urls)
-        world = self.rank_and_world[1]
-        workers = max(min(self.num_workers, batches), 1)  # 0 workers read like 1 (worker 0)
-        self.position = {"layout": [world, workers, self.batch_size, batches, shards]}
+        world, workers = self.rank_and_world[1], min(self.num_workers, batches)
+        # 0 workers read like 1 (the stream of worker 0)
+        self.position = {"layout": [world, max(workers, 1), self.batch_size, batches, shards]}
         self.resume_stream(dataset)
-        return self.loader(dataset, batches)
+        return self.loader(dataset, workers)
 
     def val_dataloader(self) -> wds.WebLoader | list[wds.WebLoader]:
         """One loader per val set (a list when `val_sets` names several)."""
@@ -352,7 +371,7 @@ class WebDataModule(L.LightningDataModule):
             first, last = split_range(total, world, rank)
             batches = -(-(last - first) // self.val_batch_size)
             dataset = self.samples(urls, sizes, False, spec["modalities"])
-            loaders.append(self.loader(dataset, batches))
+            loaders.append(self.loader(dataset, min(self.num_workers, max(batches, 1))))
         return loaders if self.val_sets else (loaders[0] if loaders else [])
 
     def resume_stream(self, dataset: BatchStream) -> None:
@@ -412,12 +431,13 @@ class WebDataModule(L.LightningDataModule):
         elif sizes is not None:
             samples = sum(sizes)
         else:  # every training source's samples
-            samples = sum(sum(self.shard_sizes(u, f)) for f, u, _ in self.train_parts())
+            samples = sum(sum(self.shard_sizes(u, f)) for _, f, u, _ in self.train_parts())
         _, world = self.rank_and_world
         batches = samples // (self.batch_size * world)
         if batches == 0:
+            field = "data.sources" if self.sources else "data.train_shards"
+            field = "data.train_samples" if self.train_samples is not None else field
             raise ConfigError(
-                f"data.train_shards: {samples} samples < data.batch_size {self.batch_size} "
-                f"x {world} ranks"
+                f"{field}: {samples} samples < data.batch_size {self.batch_size} x {world} ranks"
             )
         return batches

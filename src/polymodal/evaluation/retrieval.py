@@ -160,9 +160,9 @@ def reranked_recall_at_1(
 
 def anchor_profiles(embeddings: Tensor, anchors: Tensor, scale: float) -> Tensor:
     """[N, K] softmax over K text anchors of `scale` x cosine similarity: where each item
-    sits among the anchors. Two modalities that never met in a batch, each aligned with
-    text, compare through their profiles over paired anchors (anchor k of one modality
-    describes what anchor k of the other pairs with): `profiles_a @ profiles_b.T` is the
-    probability that both pick the same anchor pair, so `retrieval_metrics(profiles_a,
-    profiles_b, ...)` scores retrieval between them through text."""
+    sits among the anchors. Items of two modalities compare through their profiles over
+    paired anchors (anchor k of one modality goes with anchor k of the other):
+    `profiles_a @ profiles_b.T` is the probability that both pick the same anchor pair,
+    so `retrieval_metrics(profiles_a, profiles_b, ...)` scores retrieval between them
+    through text (benchmarks/cross_modal.py)."""
     return (scale * embeddings.float() @ anchors.float().T).softmax(dim=-1)

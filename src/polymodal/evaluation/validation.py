@@ -103,11 +103,15 @@ class ValidationReport:
             self.media_images = inputs[: self.media_samples].detach().cpu()
             if "waveform" in batch:
                 self.media_sounds = batch["waveform"][: self.media_samples].cpu()
-        if model.itm_head is not None and self.itm_rerank_k > 0:
+        # a set whose samples lack the fusion/decoder memory (sounds, in a mix whose
+        # fusion attends to images) gets no re-ranking and no captions
+        reranks = model.itm_head is not None and cache.holds(model.fusion_memory)
+        if reranks and self.itm_rerank_k > 0:
             memory = cache.tokens(model.fusion_memory)
             tokens = (memory, cache.tokens("text"), cache.mask("text"))
             self._tokens.append(tuple(t.detach() for t in tokens))
-        if captioner is not None and model.decoder is not None and batch_idx < self.caption_batches:
+        decodes = model.decoder is not None and cache.holds(model.decoder_memory)
+        if captioner is not None and decodes and batch_idx < self.caption_batches:
             memory = cache.tokens(model.decoder_memory)
             generated = captioner(memory=memory, **self.generation)
             for text, caption, meta, key in zip(

@@ -12,6 +12,10 @@ from torch import Tensor, nn
 from polymodal.models.model import PolymodalModel
 
 
+class NoPairedModality(ValueError):
+    """A batch holds no modality besides text to pair with it."""
+
+
 class EncodingCache:
     """Encodes each modality of one batch at most once per step, on first request.
 
@@ -41,7 +45,7 @@ class EncodingCache:
         for modality in self.model.modalities:
             if modality != "text" and self.holds(modality):
                 return modality
-        raise ValueError(f"a batch holds none of {self.model.modalities} besides text")
+        raise NoPairedModality(f"a batch holds none of {self.model.modalities} besides text")
 
     def mask(self, modality: str) -> Tensor | None:
         return self.model.inputs(self.batch, modality)[1]
@@ -92,7 +96,8 @@ class Objective(nn.Module):
 
     def needs(self, cache: EncodingCache) -> tuple[str, ...]:
         """The modalities this objective reads from the batch; a batch without one of them
-        (e.g. an audio-text batch for MIM, in a mix of sources) skips the objective."""
+        (e.g. an audio-text batch for MIM, in a mix of sources) skips the objective. An
+        objective that does not override it runs on every batch that holds text."""
         return ("text",)
 
     def setup(self, tokenizer, class_names: dict[str, list[str]]) -> None:

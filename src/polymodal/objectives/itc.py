@@ -74,7 +74,7 @@ class ITCObjective(Objective):
         gather_with_grad: bool = True,
     ):
         super().__init__()
-        # None: (the model's paired modality, text), e.g. (audio, text) for an audio model
+        # None: (the batch's modality besides text, text): cache.paired_modality
         self.modalities = None if modalities is None else tuple(modalities)
         self.local_loss, self.gather_with_grad = local_loss, gather_with_grad
 

@@ -65,7 +65,7 @@ class SigLIPObjective(Objective):
 
     def __init__(self, modalities: tuple[str, str] | None = None):
         super().__init__()
-        # None: (the model's paired modality, text), e.g. (audio, text) for an audio model
+        # None: (the batch's modality besides text, text): cache.paired_modality
         self.modalities = None if modalities is None else tuple(modalities)
 
     def needs(self, cache: EncodingCache) -> tuple[str, ...]:

@@ -31,7 +31,7 @@ from polymodal.evaluation.media import log_media_to_wandb
 from polymodal.evaluation.validation import ValidationReport, write_evaluation_media
 from polymodal.evaluation.zeroshot import zeroshot_tasks
 from polymodal.models.model import PolymodalModel
-from polymodal.objectives.base import EncodingCache, Objective
+from polymodal.objectives.base import EncodingCache, NoPairedModality, Objective
 from polymodal.tasks.optim import param_groups, warmup_cosine
 from polymodal.utils.distributed import (
     full_params,
@@ -128,7 +128,7 @@ def applies(objective: Objective, cache: EncodingCache) -> bool:
     """Whether the batch holds every modality the objective needs."""
     try:
         return all(cache.holds(m) for m in objective.needs(cache))
-    except ValueError:  # no modality to pair with the text
+    except NoPairedModality:  # a model without the modality it names still fails loudly
         return False
 
 
@@ -211,6 +211,7 @@ class PretrainModule(L.LightningModule):
                 f"model.vocab_size={rows} < tokenizer vocabulary {self.tokenizer.vocab_size} "
                 f"({datamodule.tokenizer_path})"
             )
+        # no val set: one report still resolves data.zeroshot's class names (objectives)
         sets = getattr(datamodule, "validation_sets", None) or {
             "": {
                 "shards": getattr(datamodule, "val_shards", None),
@@ -265,7 +266,7 @@ class PretrainModule(L.LightningModule):
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=size)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size)
         if "source" in batch:  # a mix of sources: each one's loss too
-            self.log(f"train/{batch['source']}/loss", loss.detach(), batch_size=size)
+            self.log(f"train/sources/{batch['source']}/loss", loss.detach(), batch_size=size)
         # this rank's running count (a per-step all-reduce would cost a sync every step);
         # on_train_end reports the sum over ranks
         self.log("data/skipped_samples", float(self.skipped_samples.total()), batch_size=size)
