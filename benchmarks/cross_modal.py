@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--sounds", type=Path, default=ROOT / "data" / "sounds" / "val")
     args = parser.parse_args()
     model = polymodal.load(args.ckpt)
-    scale = float(model.module.model.contrastive_scale()[0])
+    scale = float(model.module.model.contrastive_scale()[0].detach())
     images = embedded(model, "image", args.images, args.pairs)
     sounds = embedded(model, "audio", args.sounds, args.pairs)
     image_profiles = anchor_profiles(images["image"], images["text"], scale)

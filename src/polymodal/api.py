@@ -293,7 +293,9 @@ class Polymodal:
             "meta": metas,
             "skipped": skipped,
             "images": self.batch_input(kept).cpu() if kept else torch.empty(0),
-            "sounds": torch.stack([s["audio"] for s in kept]) if self.audio and kept else None,
+            "sounds": torch.stack([s["audio"] for s in kept])
+            if self.modality == "audio" and kept
+            else None,
         }
 
     @torch.no_grad()

@@ -202,6 +202,8 @@ def test_a_trimodal_checkpoint_serves_both_modalities(sounds_dir, shapes_dir, tm
             }
         )
     )
+    images = model.embed_shards(str(shapes_dir / "val" / "*.tar"), keep_images=2)  # eval's
+    assert images["images"].shape[:2] == (2, 3) and images["sounds"] is None
     model.modality = "audio"
     expected = model.encode_audio([data for _, data, _ in val_clips(sounds_dir)])
     np.testing.assert_allclose(np.load(out / "audio_embeddings.npy")[:4], expected, atol=1e-5)
