@@ -66,7 +66,6 @@ SCRIPT_ARGUMENTS = {
     "retrieval.py": ["--images", "200", "--chunk-sizes", "64"],
     "generation.py": ["--batches", "1", "--max-length", "8"],
     "recipes.py": TRAIN_ARGUMENTS,
-    "cross_modal.py": ["--pairs", "32"],  # the small val sets of the README run
 }
 # commands that start several training processes (ranks, sweep jobs, trials): minutes each
 # on a 2-core CPU, so they run with the slow tests (`make test-all`, which .ci/run runs)
