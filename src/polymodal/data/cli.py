@@ -15,7 +15,6 @@ from polymodal.data.shapes import ensure_shapes, write_shapes
 from polymodal.data.shards import TEXT_KEYS, expand_shards
 from polymodal.data.sounds import ensure_sounds, write_sounds
 from polymodal.data.spoken import ensure_spoken, write_spoken
-from polymodal.data.tokenizer import train_tokenizer
 from polymodal.utils import cli
 from polymodal.utils.errors import ConfigError
 from polymodal.utils.files import atomic_write_text
@@ -317,12 +316,11 @@ def _run_count(args: argparse.Namespace) -> int:
 
 def _run_tokenizer(args: argparse.Namespace) -> int:
     shards = expand_shards(args.shards, "shards")
-    texts = list(shardtools.captions(shards, args.text_keys))
-    if not texts:
-        raise ConfigError(f"{args.shards}: no caption member ({' '.join(args.text_keys)})")
-    tokenizer = train_tokenizer(texts, args.out, args.vocab)
+    tokenizer, count = shardtools.caption_tokenizer(
+        shards, args.out, args.vocab, args.text_keys, args.shards
+    )
     print(
-        f"tokenizer: {tokenizer.get_vocab_size()} tokens from {len(texts)} captions -> "
+        f"tokenizer: {tokenizer.get_vocab_size()} tokens from {count} captions -> "
         f"{args.out} (model.vocab_size must be at least this)"
     )
     return 0

@@ -9,10 +9,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from polymodal.data.shards import TEXT_KEYS, expand_shards
-from polymodal.data.shardtools import captions
-from polymodal.data.tokenizer import train_tokenizer
+from polymodal.data.shardtools import caption_tokenizer
 from polymodal.data.writing import dataset_lock, write_json
-from polymodal.utils.errors import ConfigError
 
 
 def shards_digest(urls: Sequence[str]) -> str:
@@ -44,10 +42,8 @@ def ensure_joint_tokenizer(
     with dataset_lock(path.parent):
         if path.exists() and stamp.exists() and json.loads(stamp.read_text()) == record:
             return path
-        texts = [t for name in urls for t in captions(urls[name], text_keys)]
-        if not texts:
-            raise ConfigError(f"data.sources: no caption member ({' '.join(text_keys)})")
-        train_tokenizer(texts, path, vocab_size)
+        every = [url for name in urls for url in urls[name]]
+        caption_tokenizer(every, path, vocab_size, text_keys, "data.sources")
         write_json(stamp, record)
     return path
 

@@ -9,6 +9,8 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from tokenizers import Tokenizer
+
 from polymodal.data.meta import label_name, sorted_labels
 from polymodal.data.shards import (
     DEFAULT_MAX_CAPTION_BYTES,
@@ -16,6 +18,7 @@ from polymodal.data.shards import (
     expand_shards,
     read_samples,
 )
+from polymodal.data.tokenizer import train_tokenizer
 from polymodal.data.writing import write_json
 from polymodal.utils.errors import ConfigError
 
@@ -41,6 +44,17 @@ def captions(urls: Sequence[str], text_keys: Sequence[str]) -> Iterator[str]:
             text = next((members[k] for k in text_keys if k in members), None) if members else None
             if error is None and text:
                 yield text.decode("utf-8", errors="replace").strip()
+
+
+def caption_tokenizer(
+    urls: Sequence[str], out: str | Path, vocab_size: int, text_keys: Sequence[str], where: str
+) -> tuple[Tokenizer, int]:
+    """A BPE tokenizer.json trained at `out` on the captions of `urls`, and how many
+    captions it read (`where` names the shards in the error when there are none)."""
+    texts = list(captions(urls, text_keys))
+    if not texts:
+        raise ConfigError(f"{where}: no caption member ({' '.join(text_keys)})")
+    return train_tokenizer(texts, out, vocab_size), len(texts)
 
 
 def field_values(urls: Sequence[str], field: str, members: bool = True) -> Counter[str]:

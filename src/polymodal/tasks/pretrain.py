@@ -41,6 +41,7 @@ from polymodal.utils.distributed import (
 )
 from polymodal.utils.errors import ConfigError
 from polymodal.utils.instantiate import plain_dict
+from polymodal.utils.monitor import val_prefix
 
 log = logging.getLogger(__name__)
 
@@ -393,12 +394,9 @@ class PretrainModule(L.LightningModule):
         for report in self.reports.values():
             report.reset()
 
-    def val_prefix(self, name: str) -> str:
-        return f"val/{name}/" if name else "val/"
-
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         name = list(self.reports)[dataloader_idx]
-        prefix, size = self.val_prefix(name), len(batch["key"])
+        prefix, size = val_prefix(name), len(batch["key"])
         cache = EncodingCache(self.model, batch)
         # masks and negatives drawn in validation are seeded per batch, so val metrics
         # are comparable across evaluations and training's random stream is untouched;
@@ -433,7 +431,7 @@ class PretrainModule(L.LightningModule):
             if report.media_samples > 0 and self.trainer.is_global_zero:
                 self.log_media(name, report)
             # identical on every rank; sync_dist only tells Lightning so (no extra meaning)
-            prefix = self.val_prefix(name)
+            prefix = val_prefix(name)
             self.log_dict(
                 {f"{prefix}{k}": v for k, v in metrics.items()},
                 sync_dist=True,
@@ -447,7 +445,7 @@ class PretrainModule(L.LightningModule):
         rows = report.caption_rows()
         for logger in self.loggers:
             if hasattr(logger, "log_text"):
-                key = f"{self.val_prefix(name)}captions"
+                key = f"{val_prefix(name)}captions"
                 logger.log_text(key=key, columns=["generated", "reference"], data=rows)
         if self.trainer.is_global_zero:
             out = Path(self.trainer.default_root_dir) / "samples"
@@ -475,7 +473,7 @@ class PretrainModule(L.LightningModule):
         )
         for logger in self.loggers:
             if isinstance(logger, WandbLogger):
-                prefix = self.val_prefix(name)
+                prefix = val_prefix(name)
                 log_media_to_wandb(logger, pictures, examples, self.global_step, prefix)
 
     @torch.no_grad()

@@ -14,6 +14,12 @@ from omegaconf import DictConfig
 AUTO = "auto"
 
 
+def val_prefix(name: str) -> str:
+    """Where a val set's metrics go: `val/<name>/` (data.val_sets), `val/` for the set
+    "" (data.val_shards)."""
+    return f"val/{name}/" if name else "val/"
+
+
 def optimized_metric(cfg: DictConfig) -> str:
     """`cfg.optimized_metric`, with `auto` resolved from the data and task config."""
     name = cfg.get("optimized_metric") or AUTO
@@ -22,9 +28,9 @@ def optimized_metric(cfg: DictConfig) -> str:
     data, evaluation = cfg.data, cfg.task.get("evaluation") or {}
     if data.get("val_sets"):  # the first val set's metric
         name, spec = next(iter(data.val_sets.items()))
-        prefix, zeroshot = f"val/{name}/", spec.get("zeroshot")
+        prefix, zeroshot = val_prefix(name), spec.get("zeroshot")
     elif data.get("val_shards") is not None:
-        prefix, zeroshot = "val/", data.get("zeroshot")
+        prefix, zeroshot = val_prefix(""), data.get("zeroshot")
     else:
         return "train/loss"
     if zeroshot:
