@@ -326,6 +326,23 @@ class Polymodal:
         memory = model.encode(given, inputs)
         return self.module.generate(memory=memory, **kwargs)
 
+    @torch.no_grad()
+    def complete(self, prompts: Sequence[str], **kwargs) -> list[str]:
+        """Each prompt continued by the decoder alone (a checkpoint trained with the `lm`
+        objective, e.g. experiment=lm_shapes), prompt included: "a red" -> "a red circle
+        on the left". kwargs as `PretrainModule.generate` (strategy, top_k, max_length
+        counting the prompt's tokens, ...). Prompts of one token length decode together."""
+        if self.module.model.decoder is None:
+            raise ConfigError("this checkpoint has no decoder (train it with task.objectives.lm)")
+        prefixes = [self.tokenizer.prompt_ids(p) for p in prompts]
+        out: list[str] = [""] * len(prompts)
+        for length in sorted({len(p) for p in prefixes}):
+            rows = [i for i, p in enumerate(prefixes) if len(p) == length]
+            prefix = torch.tensor([prefixes[i] for i in rows], device=self.device)
+            for i, text in zip(rows, self.module.generate(prefix=prefix, **kwargs), strict=True):
+                out[i] = text
+        return out
+
     def transcribe(self, clips: Clips, sample_rate: int | None = None, **kwargs) -> list[str]:
         """Transcripts of speech clips (a speech-recognition checkpoint, e.g.
         experiment=asr_spoken); clips and `sample_rate` as in `preprocess_audio`. Only the

@@ -8,7 +8,13 @@ import pytest
 from PIL import Image
 
 from polymodal.data.cli import main
-from polymodal.data.shapes import ATTRIBUTES, ensure_shapes, render_sample, write_shapes
+from polymodal.data.shapes import (
+    ATTRIBUTES,
+    ensure_shapes,
+    parse_caption,
+    render_sample,
+    write_shapes,
+)
 from tests.helpers import samples_by_key, tar_members
 
 SMALL = {"num_train": 40, "num_val": 8, "num_test": 8, "shard_size": 16, "image_size": 32}
@@ -87,6 +93,38 @@ def test_captions_name_attributes() -> None:
             assert "shape" not in attributes
             assert attributes["objects"][0]["position"] != attributes["objects"][1]["position"]
     assert 0 < num_pairs < 100
+
+
+def test_every_generated_caption_parses_to_its_objects() -> None:
+    """parse_caption (the check of a language model's completions) reads back what the
+    generator wrote: the objects' shapes and colours, and sizes and positions it names."""
+    for index in range(2000):
+        _, caption, attributes = render_sample(np.random.default_rng(index), image_size=16)
+        parsed = parse_caption(caption)
+        assert parsed is not None, caption
+        objects = attributes["objects"]
+        assert len(parsed) == len(objects), caption
+        if not parsed[0].items() <= objects[0].items():
+            objects = objects[::-1]  # a pair caption may name either object first
+        for named, obj in zip(parsed, objects, strict=True):
+            assert named.items() <= obj.items(), caption
+            assert {"shape", "color"} <= set(named)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a red circle on the",  # cut short
+        "a red red circle",
+        "a pink circle",  # no such colour
+        "a orange star",  # the generator writes "an orange"
+        "a small red circle and a blue star",  # sizes both nouns or neither
+        "a red circle at the top on the left",
+        "A red circle",
+    ],
+)
+def test_text_the_generator_cannot_write_does_not_parse(text: str) -> None:
+    assert parse_caption(text) is None
 
 
 def test_ensure_does_not_regenerate(tmp_path: Path) -> None:

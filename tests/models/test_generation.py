@@ -64,9 +64,14 @@ def gen(decoder: CaptionDecoder, memory: Tensor, **kwargs) -> tuple[Tensor, Tens
 
 
 def sequence_logprob(
-    decoder: CaptionDecoder, ids: Tensor, memory: Tensor, memory_mask: Tensor | None = None
+    decoder: CaptionDecoder,
+    ids: Tensor,
+    memory: Tensor | None,
+    memory_mask: Tensor | None = None,
+    start: int = 1,
 ) -> Tensor:
-    """Teacher-forced sum of log-probs of ids[:, 1:] up to and including the first EOS."""
+    """Teacher-forced sum of log-probs of ids[:, start:] (after BOS, or after a prefix of
+    `start` tokens) up to and including the first EOS."""
     targets = ids[:, 1:]
     is_eos = targets == EOS
     valid = (is_eos.cumsum(dim=1) - is_eos.long()) == 0
@@ -74,7 +79,9 @@ def sequence_logprob(
     with torch.no_grad():
         logits = decoder(ids[:, :-1], memory, memory_mask=memory_mask, text_mask=text_mask)
     logprobs = logits.log_softmax(dim=-1).gather(-1, targets[..., None])[..., 0]
-    return logprobs.where(valid, 0.0).sum(dim=1)
+    counted = valid.clone()
+    counted[:, : start - 1] = False
+    return logprobs.where(counted, 0.0).sum(dim=1)
 
 
 def test_cached_logits_match_full_prefix() -> None:
@@ -382,3 +389,100 @@ def test_invalid_generation_arguments(kwargs: dict, match: str) -> None:
     arguments = {"bos_id": BOS, "eos_id": EOS, "pad_id": PAD, "max_length": 10, **kwargs}
     with pytest.raises(ValueError, match=match):
         generate(decoder, make_memory(2), **arguments)
+
+
+def make_prefix(batch: int, length: int, vocab: int = VOCAB, seed: int = 2) -> Tensor:
+    """BOS and `length - 1` random tokens that are none of the special ids."""
+    tokens = torch.randint(
+        5, vocab, (batch, length - 1), generator=torch.Generator().manual_seed(seed)
+    )
+    return torch.cat([torch.full((batch, 1), BOS), tokens], dim=1)
+
+
+def make_language_model(seed: int = 0, vocab: int = VOCAB) -> CaptionDecoder:
+    """A decoder without cross-attention (memory_dim=None), as the lm objective trains."""
+    torch.manual_seed(seed)
+    decoder = CaptionDecoder(
+        vocab_size=vocab, context_length=CONTEXT, width=32, depth=2, num_heads=4, memory_dim=None
+    )
+    nn.init.normal_(decoder.embed.token.weight, std=0.3)
+    return decoder.eval()
+
+
+def test_a_decoder_without_memory_has_no_cross_attention() -> None:
+    decoder = make_language_model()
+    assert not any("cross_attn" in name for name, _ in decoder.named_parameters())
+    ids = make_prefix(2, 4)
+    assert decoder(ids, None).shape == (2, 4, VOCAB)
+    with pytest.raises(ValueError, match="no cross-attention"):
+        decoder(ids, make_memory(2))
+
+
+@pytest.mark.parametrize("with_memory", [False, True])
+@pytest.mark.parametrize(
+    ("strategy", "kwargs"),
+    [("greedy", {}), ("beam", {"num_beams": 3}), ("sample", SAMPLE_KWARGS)],
+)
+def test_generation_continues_a_prefix(with_memory: bool, strategy: str, kwargs: dict) -> None:
+    """The output starts with the prompt; the KV cache (prompt fed at once, then one token a
+    step) gives the recomputed tokens; the log-probability counts the continuation only."""
+    decoder = make_decoder(eos_bias=1.0) if with_memory else make_language_model()
+    memory = make_memory(5) if with_memory else None
+    prefix = make_prefix(5, 4)
+    outputs = [
+        gen(
+            decoder,
+            memory,
+            prefix=prefix,
+            strategy=strategy,
+            max_length=12,
+            use_cache=use_cache,
+            generator=torch.Generator().manual_seed(0),
+            **kwargs,
+        )
+        for use_cache in (True, False)
+    ]
+    (ids, logprob), (full_ids, full_logprob) = outputs
+    assert torch.equal(ids, full_ids)
+    torch.testing.assert_close(logprob, full_logprob, atol=1e-5, rtol=0)
+    assert torch.equal(ids[:, :4], prefix) and ids.shape[1] > 4
+    expected = sequence_logprob(decoder, ids, memory, start=4)
+    torch.testing.assert_close(logprob, expected, atol=1e-5, rtol=0)
+
+
+def test_beam_search_from_a_prefix_is_exact_when_beams_cover_all_continuations() -> None:
+    """Length bookkeeping after a prompt: exhaustive beams find the brute-force best
+    continuation of a language model (two tokens after a 3-token prompt, no EOS)."""
+    vocab = 8
+    decoder = make_language_model(vocab=vocab)
+    prefix = make_prefix(3, 3, vocab=vocab)
+    common = {"max_length": 5, "min_length": 5, "length_penalty": 0.0}
+    tokens = [t for t in range(vocab) if t != EOS]
+    beam_ids, beam_logprob = gen(
+        decoder, None, prefix=prefix, strategy="beam", num_beams=len(tokens), **common
+    )
+    pairs = torch.tensor(list(itertools.product(tokens, repeat=2)))
+    for i in range(len(prefix)):
+        candidates = torch.cat([prefix[i].expand(len(pairs), -1), pairs], dim=1)
+        scores = sequence_logprob(decoder, candidates, None, start=3)
+        assert torch.equal(beam_ids[i], candidates[scores.argmax()])
+        torch.testing.assert_close(beam_logprob[i], scores.max(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("memory", "prefix", "match"),
+    [
+        (None, None, "needs a prefix"),
+        (None, torch.tensor([[5, 6]]), "starting with bos_id"),
+        (None, torch.tensor([[BOS, VOCAB]]), "outside the vocabulary"),
+        (make_memory(2), make_prefix(3, 2), "3 prefixes for 2 memories"),
+    ],
+)
+def test_invalid_prefixes(memory: Tensor | None, prefix: Tensor | None, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        gen(make_decoder(), memory, prefix=prefix)
+
+
+def test_a_prefix_leaves_room_to_generate() -> None:
+    with pytest.raises(ValueError, match="prefix length"):
+        gen(make_language_model(), None, prefix=make_prefix(1, 12), max_length=12)

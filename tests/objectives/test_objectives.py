@@ -8,7 +8,7 @@ import torch
 
 from polymodal.evaluation.validation import ValidationReport
 from polymodal.objectives.base import IGNORE_INDEX, EncodingCache
-from polymodal.objectives.caption import caption_loss
+from polymodal.objectives.caption import next_token_loss
 from polymodal.objectives.itm import same_pair_mask, sample_hard_negatives
 from polymodal.objectives.mim import masked_patch_loss, patchify, random_keep
 from polymodal.objectives.mlm import mask_tokens
@@ -111,12 +111,12 @@ def test_masked_patch_loss_ignores_visible_patches():
     np.testing.assert_allclose(pred.grad.numpy(), grad_ref, atol=1e-12)
 
 
-def test_caption_loss_matches_manual_cross_entropy():
+def test_next_token_loss_matches_manual_cross_entropy():
     gen = torch.Generator().manual_seed(0)
     ids = torch.tensor([[2, 7, 8, 3, 0], [2, 9, 3, 0, 0]])
     mask = ids != 0
     logits = torch.randn(2, 4, 12, generator=gen, dtype=torch.float64, requires_grad=True)
-    loss = caption_loss(logits, ids, mask)
+    loss = next_token_loss(logits, ids, mask)
     loss.backward()
     lg = logits.detach().numpy()
     logp = lg - np.log(np.exp(lg).sum(-1, keepdims=True))
@@ -161,3 +161,60 @@ def test_objectives_skip_batches_without_their_modalities(tmp_path):
     text_only = {k: v for k, v in sounds.items() if k != "audio"}
     with pytest.raises(ConfigError, match="holds none of the modalities"):
         module.step_losses(EncodingCache(module.model, text_only))
+
+
+def test_caption_and_lm_train_one_decoder(tmp_path):
+    """CoCa-style caption + LM on the same decoder: the LM loss is the next-token loss of
+    the decoder attending to nothing, and only the caption loss reaches the cross-attention
+    and the image tower; validation of the batch's texts reports exp(mean token NLL)."""
+    cfg = compose_train(["experiment=coca", "+task.objectives.lm.weight=1"], tmp_path, tmp_path)
+    module = build_module(cfg)
+    batch = {**random_batch(6, image_size=64, context_length=32), "meta": [{}] * 6}
+    batch |= {"text": ["a"] * 6, "key": [f"k{i}" for i in range(6)]}
+    ids, mask = batch["text_ids"], batch["text_mask"]
+    lm = module.objectives["lm"](EncodingCache(module.model, batch)).loss
+    lm.backward()
+    decoder = module.model.decoder
+    expected = next_token_loss(decoder(ids[:, :-1], None, text_mask=mask[:, :-1]), ids, mask)
+    torch.testing.assert_close(lm, expected)
+    touched = {n for n, p in module.model.named_parameters() if p.grad is not None}
+    assert any(n.startswith("decoder.blocks.0.attn") for n in touched)
+    assert not any("cross_attn" in n or n.startswith("encoders.image") for n in touched)
+    module.zero_grad()
+    _, logs = module.step_losses(EncodingCache(module.model, batch))
+    assert {"itc/loss", "caption/loss", "lm/loss"} <= set(logs)
+    assert not torch.isclose(logs["caption/loss"], logs["lm/loss"])  # the image matters
+
+    report = ValidationReport(media_samples=0, perplexity=True)
+    halves = [{k: v[:3] for k, v in batch.items()}, {k: v[3:] for k, v in batch.items()}]
+    for index, half in enumerate(halves):
+        report.update(EncodingCache(module.model, half), index)
+    metrics = report.compute(module.model, lambda prompts: torch.zeros(len(prompts), 128))
+    targets = ids[:, 1:][mask[:, 1:]]
+    with torch.no_grad():
+        logits = decoder(ids[:, :-1], None, text_mask=mask[:, :-1])[mask[:, 1:]]
+    nll = torch.nn.functional.cross_entropy(logits, targets)  # mean over all tokens
+    assert metrics["lm/perplexity"] == pytest.approx(float(nll.exp()), rel=1e-5)
+
+
+def test_a_model_of_text_alone(tmp_path):
+    """experiment=lm_shapes builds the decoder without cross-attention and no other tower;
+    its validation reports perplexity and nothing that needs another modality; captioning
+    such a model is one clear line."""
+    cfg = compose_train(["experiment=lm_shapes"], tmp_path, tmp_path)
+    module = build_module(cfg)
+    assert module.model.modalities == ["text"] and module.model.decoder_memory is None
+    assert not any("cross_attn" in n for n, _ in module.model.named_parameters())
+    batch = {**random_batch(4, context_length=32), "meta": [{}] * 4, "text": ["a"] * 4}
+    del batch["image"]
+    batch["key"] = [f"k{i}" for i in range(4)]
+    _, logs = module.step_losses(EncodingCache(module.model, batch))
+    assert set(logs) == {"lm/loss"}
+    report = ValidationReport(media_samples=0, perplexity=True)
+    report.update(EncodingCache(module.model, batch), 0, fail)
+    metrics = report.compute(module.model, fail)
+    assert set(metrics) == {"lm/nll", "lm/perplexity"}
+    cfg = compose_train(["experiment=lm_shapes", "task=captioner"], tmp_path, tmp_path)
+    module = build_module(cfg)
+    with pytest.raises(ConfigError, match="holds only text"):
+        module.step_losses(EncodingCache(module.model, batch))

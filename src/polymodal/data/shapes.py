@@ -292,6 +292,80 @@ def _caption(rng: np.random.Generator, objects: list[dict[str, str]]) -> tuple[s
     return _ARTICLE.sub("an ", text), index
 
 
+def _alternatives(values) -> str:
+    return "|".join(re.escape(v) for v in sorted(values, key=len, reverse=True))
+
+
+_WORDS = {
+    "size": SIZES,
+    "color": tuple(COLORS),
+    "shape": SHAPES,
+    "at": tuple(_POS_AT.values()),
+    "near": tuple(_POS_NEAR.values()),
+    "side": tuple(_POS_SIDE.values()),
+    "at_a": tuple(_POS_AT.values()),
+    "at_b": tuple(_POS_AT.values()),
+    "rel": tuple(_RELATION.values()),
+}
+
+
+def _pattern(template: str) -> re.Pattern:
+    """A template as a regex with a named group per placeholder ({a}/{b}: an optional
+    size, a colour and a shape); articles as `an?`, checked by re-rendering."""
+    noun = rf"(?:(?P<{{0}}_size>{_alternatives(SIZES)}) )?(?P<{{0}}_color>"
+    noun += rf"{_alternatives(COLORS)}) (?P<{{0}}_shape>{_alternatives(SHAPES)})"
+    parts = re.split(r"(\{\w+\})", template)
+    regex = ""
+    for part in parts:
+        name = part[1:-1] if part.startswith("{") else None
+        if name in ("a", "b"):
+            regex += noun.format(name)
+        elif name is not None:
+            regex += f"(?P<{name}>{_alternatives(_WORDS[name])})"
+        else:
+            regex += re.sub(r"\ba ", "an? ", re.escape(part).replace("\\ ", " "))
+    return re.compile(regex)
+
+
+_SINGLE_PATTERNS = [_pattern(t) for t in SINGLE_TEMPLATES]
+_PAIR_PATTERNS = [_pattern(t) for t in PAIR_TEMPLATES]
+
+
+def parse_caption(text: str) -> list[dict[str, str]] | None:
+    """The objects a caption names (each {shape, color, [size], [position]}), or None when
+    the generator could not have written it: the check of a language model's completions."""
+    for template, pattern in zip(SINGLE_TEMPLATES, _SINGLE_PATTERNS, strict=True):
+        match = pattern.fullmatch(text)
+        if match is None:
+            continue
+        fields = match.groupdict()
+        where = {"at": _POS_AT, "near": _POS_NEAR, "side": _POS_SIDE}
+        position = next(
+            (p for key, names in where.items() for p, v in names.items() if fields.get(key) == v),
+            None,
+        )
+        values = {"at": "", "near": "", "side": "", **fields}
+        if _ARTICLE.sub("an ", template.format(**values)) == text:
+            obj = {k: fields[k] for k in ("shape", "color", "size") if fields.get(k)}
+            return [obj | ({"position": position} if position else {})]
+    for template, pattern in zip(PAIR_TEMPLATES, _PAIR_PATTERNS, strict=True):
+        match = pattern.fullmatch(text)
+        if match is None:
+            continue
+        fields = match.groupdict()
+        objects = [
+            {k: fields[f"{n}_{k}"] for k in ("shape", "color", "size") if fields.get(f"{n}_{k}")}
+            for n in ("a", "b")
+        ]
+        if ("size" in objects[0]) != ("size" in objects[1]):
+            continue  # the generator sizes both nouns or neither
+        nouns = [" ".join(o[k] for k in ("size", "color", "shape") if k in o) for o in objects]
+        values = {"rel": "", "at_a": "", "at_b": "", **fields, "a": nouns[0], "b": nouns[1]}
+        if _ARTICLE.sub("an ", template.format(**values)) == text:
+            return objects
+    return None
+
+
 def render_sample(rng: np.random.Generator, image_size: int = 64) -> tuple[Image.Image, str, dict]:
     """Render one image, its caption and its attributes.
 

@@ -1,7 +1,7 @@
 """What a validation pass reports beyond losses, for training and `polymodal-eval` alike:
 zero-shot and retrieval (EmbeddingEvaluator), retrieval re-ranked by the model's ITM head,
-generated captions scored against all of an image's captions, and media (confusion
-matrices, retrieval examples).
+generated captions scored against all of an image's captions, the text perplexity of a
+language model, and media (confusion matrices, retrieval examples).
 
 Each rank collects its share of the val set; `compute` gathers every rank's so each
 metric covers the whole set.
@@ -23,7 +23,8 @@ from polymodal.evaluation.media import RetrievalExamples, retrieval_examples, wr
 from polymodal.evaluation.retrieval import reranked_recall_at_1
 from polymodal.evaluation.zeroshot import ZeroShotTask
 from polymodal.models.model import PolymodalModel
-from polymodal.objectives.base import EncodingCache
+from polymodal.objectives.base import EncodingCache, NoPairedModality
+from polymodal.objectives.lm import token_nll
 from polymodal.utils.distributed import gather_objects, gather_variable, rank_and_world
 
 Captioner = Callable[..., list[str]]  # (memory=tokens, **generation) -> captions
@@ -67,6 +68,7 @@ class ValidationReport:
         generation: Mapping | None = None,
         match_attributes: Sequence[str] = ("color", "shape"),
         wer: bool = False,
+        perplexity: bool = False,
     ) -> None:
         self.evaluator = EmbeddingEvaluator(zeroshot, retrieval, retrieval_chunk_size, group_by)
         self.group_by = group_by
@@ -74,6 +76,7 @@ class ValidationReport:
         self.caption_batches = caption_batches
         self.generation = dict(generation or {})
         self.match_attributes, self.wer = tuple(match_attributes), wer
+        self.perplexity = perplexity  # of the decoder without memory (a language model)
         self.reset()
 
     @property
@@ -87,14 +90,22 @@ class ValidationReport:
         self._tokens: list[tuple[Tensor, Tensor, Tensor]] = []
         self.media_images: Tensor | None = None  # images or spectrograms
         self.media_sounds: Tensor | None = None  # the clips' waveforms
+        self._nll = [0.0, 0]  # summed token NLL and tokens, for the perplexity
 
     def update(
         self, cache: EncodingCache, batch_idx: int, captioner: Captioner | None = None
     ) -> None:
         """Add one val batch: its embeddings, (with an ITM head) its tokens, (with a
-        decoder, in the first `caption_batches`) captions of its images."""
+        decoder, in the first `caption_batches`) captions of its images; with
+        `perplexity`, its texts' log-likelihood. A set of texts alone gets only that."""
         model, batch = cache.model, cache.batch
-        modality = cache.paired_modality
+        if self.perplexity:
+            nll, count = token_nll(cache)
+            self._nll = [self._nll[0] + float(nll), self._nll[1] + int(count)]
+        try:
+            modality = cache.paired_modality
+        except NoPairedModality:
+            return
         self.evaluator.update(
             cache.embedding(modality), cache.embedding("text"), batch["meta"], batch["text"]
         )
@@ -125,9 +136,14 @@ class ValidationReport:
     ) -> dict[str, float]:
         """Every metric over the whole val set (a collective under DDP: all ranks call)."""
         device = next(model.parameters()).device
-        self.evaluator.gather(device)
+        if self.evaluator.metas:  # not a set of texts alone (the same on every rank)
+            self.evaluator.gather(device)
         self.captions = gather_objects(self.captions)
         metrics = self.evaluator.compute(encode_prompts)
+        if self.perplexity:
+            sums = gather_objects([self._nll])
+            nll = sum(s for s, _ in sums) / max(1, sum(c for _, c in sums))
+            metrics.update({"lm/nll": nll, "lm/perplexity": float(np.exp(nll))})
         tokens = self._gathered_tokens()
         if tokens:
             metrics.update(self.itm_rerank_metrics(model, *tokens))

@@ -1,8 +1,11 @@
 """Causal text decoder with cross-attention to encoder tokens, for captioning (CoCa/BLIP style).
 
 Each block is pre-norm causal self-attention, cross-attention to a `memory` (e.g. image patch
-tokens) and an MLP. A `KVCache` makes generation incremental: each step feeds only the new
-tokens, and the memory's keys/values are projected once and reused.
+tokens) and an MLP. Without a memory the cross-attention is skipped and the decoder is a
+plain causal language model (GPT) over the same weights, so captioning and text-only
+language modelling can train one decoder together. A `KVCache` makes generation
+incremental: each step feeds only the new tokens, and the memory's keys/values are
+projected once and reused.
 """
 
 from __future__ import annotations
@@ -82,31 +85,39 @@ class CrossAttention(nn.Module):
 class DecoderBlock(nn.Module):
     """x + self_attn(ln(x)); x + cross_attn(ln(x), memory); x + mlp(ln(x))."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, memory_dim: int) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, memory_dim: int | None) -> None:
+        """`memory_dim=None` builds no cross-attention (a decoder of text alone)."""
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = SelfAttention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim)
-        self.cross_attn = CrossAttention(dim, memory_dim, num_heads)
+        self.norm2 = self.cross_attn = None
+        if memory_dim is not None:
+            self.norm2 = nn.LayerNorm(dim)
+            self.cross_attn = CrossAttention(dim, memory_dim, num_heads)
         self.norm3 = nn.LayerNorm(dim)
         self.mlp = mlp(dim, mlp_ratio)
 
     def forward(
         self,
         x: Tensor,
-        memory: Tensor,
+        memory: Tensor | None,
         memory_mask: Tensor | None = None,
         attn_mask: Tensor | None = None,
         cache: LayerCache | None = None,
     ) -> Tensor:
-        """`memory_mask` [N, M] (True = valid); `attn_mask` [N, 1, L, L] replaces plain causal."""
+        """`memory_mask` [N, M] (True = valid); `attn_mask` [N, 1, L, L] replaces plain causal;
+        `memory=None` skips the cross-attention."""
         x = x + self.attn(self.norm1(x), attn_mask=attn_mask, causal=True, cache=cache)
-        x = x + self.cross_attn(self.norm2(x), memory, memory_mask=memory_mask, cache=cache)
+        if memory is not None:
+            if self.cross_attn is None:
+                raise ValueError("this decoder has no cross-attention: it takes no memory")
+            x = x + self.cross_attn(self.norm2(x), memory, memory_mask=memory_mask, cache=cache)
         return x + self.mlp(self.norm3(x))
 
 
 class CaptionDecoder(nn.Module):
-    """Token + learned position embeddings, `DecoderBlock`s, final LayerNorm, tied LM head."""
+    """Token + learned position embeddings, `DecoderBlock`s, final LayerNorm, tied LM head.
+    `memory_dim=None`: no cross-attention is built (a language model of text alone)."""
 
     def __init__(
         self,
@@ -116,7 +127,7 @@ class CaptionDecoder(nn.Module):
         depth: int = 2,
         num_heads: int = 4,
         mlp_ratio: float = 4.0,
-        memory_dim: int = 128,
+        memory_dim: int | None = 128,
     ) -> None:
         super().__init__()
         self.context_length = context_length
@@ -133,12 +144,13 @@ class CaptionDecoder(nn.Module):
     def forward(
         self,
         ids: Tensor,
-        memory: Tensor,
+        memory: Tensor | None,
         memory_mask: Tensor | None = None,
         text_mask: Tensor | None = None,
         cache: KVCache | None = None,
     ) -> Tensor:
-        """Next-token logits [N, L, vocab] for ids [N, L] attending to memory [N, M, memory_dim].
+        """Next-token logits [N, L, vocab] for ids [N, L] attending to memory [N, M, memory_dim]
+        (None: to nothing, a text-only language model).
 
         `memory_mask` [N, M] (True = valid) needs at least one valid memory token per row.
         `text_mask` [N, L] (True = real token) hides padding keys during teacher forcing; with

@@ -2,26 +2,32 @@
 
 Conventions shared by every strategy:
 
-- Outputs start with `bos_id`. `max_length` counts BOS (and EOS), so at most `max_length - 1`
-  tokens are generated. After EOS a row is filled with `pad_id`; the output has T columns,
-  T <= max_length (generation stops once every row has finished).
-- EOS is forbidden while a sequence, BOS included, is shorter than `min_length` (Hugging Face
-  convention): EOS can first appear at index `min_length`, and `min_length=max_length` means
-  no EOS at all.
-- The returned log-probability is the sum, over generated tokens after BOS (EOS included when
-  generated, padding excluded), of `log_softmax` of the *raw* logits: no temperature, penalty
-  or masking. It is what a teacher-forced forward pass gives for the returned ids.
-- `repetition_penalty` (CTRL / HF): logits of tokens already generated (BOS excluded) are
-  divided by the penalty when positive and multiplied by it when negative. It applies to all
-  strategies; `temperature`, `top_k` and `top_p` only to "sample".
+- Outputs start with `bos_id`, or with the given `prefix` (a prompt: BOS and its tokens, the
+  same length in every row), and continue it. `max_length` counts BOS, the prefix and EOS, so
+  at most `max_length - P` tokens are generated after a prefix of P tokens (P = 1: BOS). After
+  EOS a row is filled with `pad_id`; the output has T columns, T <= max_length (generation
+  stops once every row has finished).
+- EOS is forbidden while a sequence, BOS and prefix included, is shorter than `min_length`
+  (Hugging Face convention): EOS can first appear at index `min_length`, and
+  `min_length=max_length` means no EOS at all.
+- The returned log-probability is the sum, over generated tokens after the prefix (EOS
+  included when generated, padding excluded), of `log_softmax` of the *raw* logits: no
+  temperature, penalty or masking. It is what a teacher-forced forward pass gives for the
+  returned ids.
+- `repetition_penalty` (CTRL / HF): logits of tokens already in the sequence (BOS excluded,
+  the prefix included) are divided by the penalty when positive and multiplied by it when
+  negative. It applies to all strategies; `temperature`, `top_k` and `top_p` only to "sample".
+- `memory=None` generates from the decoder alone (a text-only language model); then a
+  `prefix` gives the batch size.
 - Nothing stops the model from emitting `pad_id` or `bos_id` itself; a trained one does not.
 
 Beam search follows Hugging Face: active beams are ranked by their summed (penalised, masked)
 log-probability; an EOS among the top `num_beams` candidates finishes a hypothesis, scored
-`sum_logprob / length**length_penalty` with `length` = generated tokens including EOS; each
-item keeps its `num_beams` best finished hypotheses. Search stops when no active beam can beat
-the worst kept hypothesis (exact bound: log-probs are <= 0, so sums only decrease) or at
-`max_length`, where the unfinished beams join the pool; the best-scoring hypothesis is returned.
+`sum_logprob / length**length_penalty` with `length` = generated tokens (after the prefix)
+including EOS; each item keeps its `num_beams` best finished hypotheses. Search stops when no
+active beam can beat the worst kept hypothesis (exact bound: log-probs are <= 0, so sums only
+decrease) or at `max_length`, where the unfinished beams join the pool; the best-scoring
+hypothesis is returned.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ STRATEGIES = ("greedy", "beam", "sample")
 @torch.no_grad()
 def generate(
     decoder: CaptionDecoder,
-    memory: Tensor,
+    memory: Tensor | None,
     *,
     bos_id: int,
     eos_id: int,
@@ -56,26 +62,38 @@ def generate(
     use_cache: bool = True,
     generator: torch.Generator | None = None,
     memory_mask: Tensor | None = None,
+    prefix: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Token ids [N, T] (BOS first, pad after EOS) and their log-probabilities [N].
+    """Token ids [N, T] (BOS or `prefix` first, pad after EOS) and their log-probabilities [N].
 
     `memory` [N, M, memory_dim] (optional `memory_mask` [N, M], True = valid) is what the
-    decoder cross-attends to. `use_cache=False` recomputes the whole prefix every step; it is
-    the slow reference the KV-cached path must match. See the module docstring for conventions.
+    decoder cross-attends to, None for none. `prefix` [N, P] (BOS first) is continued.
+    `use_cache=False` recomputes the whole sequence every step; it is the slow reference the
+    KV-cached path must match. See the module docstring for conventions.
     """
     vocab_size = decoder.embed.token.num_embeddings
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown generation strategy {strategy!r}; expected one of {STRATEGIES}")
-    if memory.ndim != 3:
+    if memory is not None and memory.ndim != 3:
         raise ValueError(f"memory must be [N, M, dim], got shape {tuple(memory.shape)}")
+    if prefix is None:
+        if memory is None:
+            raise ValueError("generation without memory needs a prefix (the batch's prompts)")
+        prefix = torch.full((memory.shape[0], 1), bos_id, dtype=torch.long, device=memory.device)
+    if prefix.ndim != 2 or not prefix.shape[1] or (prefix[:, 0] != bos_id).any():
+        raise ValueError(f"prefix must be [N, P >= 1] ids starting with bos_id={bos_id}")
+    if memory is not None and memory.shape[0] != prefix.shape[0]:
+        raise ValueError(f"{prefix.shape[0]} prefixes for {memory.shape[0]} memories")
+    if ((prefix < 0) | (prefix >= vocab_size)).any():
+        raise ValueError(f"prefix holds ids outside the vocabulary [0, {vocab_size})")
     for name, token in (("bos_id", bos_id), ("eos_id", eos_id), ("pad_id", pad_id)):
         if not 0 <= token < vocab_size:
             raise ValueError(f"{name}={token} is outside the vocabulary [0, {vocab_size})")
-    if not 2 <= max_length <= decoder.context_length + 1:
+    if not prefix.shape[1] < max_length <= decoder.context_length + 1:
         # The last token is never fed back, so the decoder sees at most max_length - 1 tokens.
         raise ValueError(
-            f"max_length must be in [2, context_length + 1 = {decoder.context_length + 1}], "
-            f"got {max_length}"
+            f"max_length must be in [prefix length + 1 = {prefix.shape[1] + 1}, "
+            f"context_length + 1 = {decoder.context_length + 1}], got {max_length}"
         )
     if not 0 <= min_length <= max_length:
         raise ValueError(f"min_length must be in [0, max_length={max_length}], got {min_length}")
@@ -95,7 +113,7 @@ def generate(
             decoder,
             memory,
             memory_mask,
-            bos_id=bos_id,
+            prefix,
             eos_id=eos_id,
             pad_id=pad_id,
             max_length=max_length,
@@ -109,7 +127,7 @@ def generate(
         decoder,
         memory,
         memory_mask,
-        bos_id=bos_id,
+        prefix,
         eos_id=eos_id,
         pad_id=pad_id,
         sample=strategy == "sample",
@@ -127,7 +145,7 @@ def generate(
 def _next_logits(
     decoder: CaptionDecoder,
     ids: Tensor,
-    memory: Tensor,
+    memory: Tensor | None,
     memory_mask: Tensor | None,
     cache: KVCache | None,
 ) -> Tensor:
@@ -172,10 +190,10 @@ def _filter_top_k_top_p(logits: Tensor, top_k: int, top_p: float) -> Tensor:
 
 def _greedy_or_sample(
     decoder: CaptionDecoder,
-    memory: Tensor,
+    memory: Tensor | None,
     memory_mask: Tensor | None,
+    prefix: Tensor,
     *,
-    bos_id: int,
     eos_id: int,
     pad_id: int,
     sample: bool,
@@ -188,8 +206,8 @@ def _greedy_or_sample(
     use_cache: bool,
     generator: torch.Generator | None,
 ) -> tuple[Tensor, Tensor]:
-    batch, device = memory.shape[0], memory.device
-    ids = torch.full((batch, 1), bos_id, dtype=torch.long, device=device)
+    batch, device = prefix.shape[0], prefix.device
+    ids = prefix
     logprob = torch.zeros(batch, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     cache = decoder.init_cache() if use_cache else None
@@ -216,10 +234,10 @@ def _greedy_or_sample(
 
 def _beam_search(
     decoder: CaptionDecoder,
-    memory: Tensor,
+    memory: Tensor | None,
     memory_mask: Tensor | None,
+    prefix: Tensor,
     *,
-    bos_id: int,
     eos_id: int,
     pad_id: int,
     max_length: int,
@@ -229,16 +247,19 @@ def _beam_search(
     repetition_penalty: float,
     use_cache: bool,
 ) -> tuple[Tensor, Tensor]:
-    batch, device = memory.shape[0], memory.device
+    (batch, start), device = prefix.shape, prefix.device
     beams = num_beams
-    memory = memory.repeat_interleave(beams, dim=0)
+    if memory is not None:
+        memory = memory.repeat_interleave(beams, dim=0)
     if memory_mask is not None:
         memory_mask = memory_mask.repeat_interleave(beams, dim=0)
     items = torch.arange(batch, device=device)[:, None]
     offsets = items * beams  # first row of each item in the flattened beams
-    # Active beams, flattened [batch * beams, t]. All start as BOS; only the first may expand at
-    # the first step, otherwise the same continuation would fill every beam.
-    ids = torch.full((batch * beams, 1), bos_id, dtype=torch.long, device=device)
+    # Active beams, flattened [batch * beams, t]. All start as the prefix; only the first may
+    # expand at the first step, otherwise the same continuation would fill every beam.
+    ids = prefix.repeat_interleave(beams, dim=0)
+    # generated tokens (EOS included) of a sequence of t columns: t - done
+    done = start - 1
     search_scores = torch.zeros(batch, beams, device=device)
     search_scores[:, 1:] = -math.inf
     raw_scores = torch.zeros(batch, beams, device=device)
@@ -246,11 +267,11 @@ def _beam_search(
     pool_ids = torch.full((batch, beams, max_length), pad_id, dtype=torch.long, device=device)
     pool_scores = torch.full((batch, beams), -math.inf, device=device)
     pool_raw = torch.zeros(batch, beams, device=device)
-    pool_lengths = torch.ones(batch, beams, dtype=torch.long, device=device)
+    pool_lengths = torch.full((batch, beams), start, dtype=torch.long, device=device)
     cache = decoder.init_cache() if use_cache else None
 
     while ids.shape[1] < max_length:
-        length = ids.shape[1]  # tokens so far; a new EOS makes `length` generated tokens
+        length = ids.shape[1]  # columns so far; a new EOS makes `length - done` generated tokens
         logits = _next_logits(decoder, ids, memory, memory_mask, cache)
         raw_logprobs = logits.log_softmax(dim=-1)
         # EOS is masked after log_softmax (as in HF): without a repetition penalty the search
@@ -270,7 +291,9 @@ def _beam_search(
 
         # Finished hypotheses: EOS among the top `beams` candidates, merged into the pool.
         finishes = is_eos & (rank < beams) & cand_scores.isfinite()
-        new_scores = torch.where(finishes, cand_scores / length**length_penalty, -math.inf)
+        new_scores = torch.where(
+            finishes, cand_scores / (length - done) ** length_penalty, -math.inf
+        )
         new_ids = torch.cat(
             [
                 ids[rows],
@@ -295,12 +318,12 @@ def _beam_search(
             cache.reorder(rows)
 
         if ids.shape[1] < max_length and _beams_cannot_improve(
-            search_scores, pool_scores, ids.shape[1], max_length, length_penalty
+            search_scores, pool_scores, ids.shape[1] - done, max_length - done, length_penalty
         ):
             break
     else:
         # Reached max_length: unfinished beams compete with the finished hypotheses.
-        scores = search_scores / (max_length - 1) ** length_penalty
+        scores = search_scores / (max_length - start) ** length_penalty
         pool_scores = torch.cat([pool_scores, scores], dim=1)
         pool_ids = torch.cat([pool_ids, ids.view(batch, beams, max_length)], dim=1)
         pool_raw = torch.cat([pool_raw, raw_scores], dim=1)

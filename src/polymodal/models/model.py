@@ -148,7 +148,10 @@ class PolymodalModel(nn.Module):
         # which modality's tokens the fusion encoder and the decoder attend to (None: the
         # model's first modality besides text, as contrastive pairs default to)
         self.fusion_memory = fusion.pop("memory", None) or self.paired_modality
-        self.decoder_memory = decoder.pop("memory", None) or self.paired_modality
+        # a model of text alone: a decoder without cross-attention (a language model)
+        self.decoder_memory = decoder.pop("memory", None) or (
+            None if self.paired_modality == "text" else self.paired_modality
+        )
         if "fusion" in self.parts:
             self.fusion = FusionEncoder(
                 width=self.width("text"), memory_dim=self.width(self.fusion_memory), **fusion
@@ -172,7 +175,7 @@ class PolymodalModel(nn.Module):
             self.decoder = CaptionDecoder(
                 vocab_size=vocab_size,
                 context_length=self.stem("text").context_length,
-                memory_dim=self.width(self.decoder_memory),
+                memory_dim=self.decoder_memory and self.width(self.decoder_memory),
                 **decoder,
             )
         self.set_grad_checkpointing(grad_checkpointing)
@@ -272,13 +275,14 @@ class PolymodalModel(nn.Module):
         return self.part("mim_decoder")(tokens, keep)
 
     def decode(
-        self, ids: Tensor, memory: Tensor, text_mask: Tensor | None = None, cache=None
+        self, ids: Tensor, memory: Tensor | None, text_mask: Tensor | None = None, cache=None
     ) -> Tensor:
-        """Next-token logits of the caption decoder conditioned on `memory` tokens."""
+        """Next-token logits of the caption decoder conditioned on `memory` tokens (None:
+        on nothing, the decoder as a language model of text)."""
         return self.part("decoder")(ids, memory, text_mask=text_mask, cache=cache)
 
     @torch.no_grad()
-    def generate(self, memory: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
-        """Token ids and log-probabilities of captions of `memory` tokens (see
-        models.generation for the strategies)."""
+    def generate(self, memory: Tensor | None, **kwargs) -> tuple[Tensor, Tensor]:
+        """Token ids and log-probabilities of captions of `memory` tokens, or continuations
+        of `prefix` ids (see models.generation for the strategies)."""
         return generate(self.part("decoder"), memory, **kwargs)

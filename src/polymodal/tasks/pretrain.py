@@ -32,6 +32,7 @@ from polymodal.evaluation.validation import ValidationReport, write_evaluation_m
 from polymodal.evaluation.zeroshot import zeroshot_tasks
 from polymodal.models.model import PolymodalModel
 from polymodal.objectives.base import EncodingCache, NoPairedModality, Objective
+from polymodal.objectives.lm import LMObjective
 from polymodal.tasks.optim import param_groups, warmup_cosine
 from polymodal.utils.distributed import (
     full_params,
@@ -55,6 +56,7 @@ OBJECTIVES = {
     "mlm": "polymodal.objectives.mlm.MLMObjective",
     "mim": "polymodal.objectives.mim.MIMObjective",
     "caption": "polymodal.objectives.caption.CaptionObjective",
+    "lm": "polymodal.objectives.lm.LMObjective",
 }
 
 
@@ -221,11 +223,15 @@ class PretrainModule(L.LightningModule):
             }
         }
         self.reports, class_names = {}, {}
+        evaluation = dict(self.evaluation_cfg)
+        if evaluation.get("perplexity") is None:  # a language model's val sets report it
+            lm = any(isinstance(o, LMObjective) for o in self.objectives.values())
+            evaluation["perplexity"] = lm
         for name, spec in sets.items():
             where = f"data.val_sets.{name}" if name else "data"
             values = values_reader(spec["shards"], spec["field"])
             zeroshot = zeroshot_tasks(plain_dict(spec["zeroshot"]), f"{where}.zeroshot", values)
-            self.reports[name] = ValidationReport(zeroshot, **self.evaluation_cfg)
+            self.reports[name] = ValidationReport(zeroshot, **evaluation)
             class_names.update(self.reports[name].class_names)
         for objective in self.objectives.values():
             objective.setup(self.tokenizer, class_names)
@@ -480,10 +486,11 @@ class PretrainModule(L.LightningModule):
     def generate(
         self, images: Tensor | None = None, memory: Tensor | None = None, **kwargs
     ) -> list[str]:
-        """Captions for a batch of preprocessed images, or of their already encoded tokens
-        (strategy, num_beams, ... as in `polymodal.models.generation.generate`)."""
+        """Captions for a batch of preprocessed images, or of their already encoded tokens,
+        or (neither) continuations of `prefix` ids (strategy, num_beams, prefix ... as in
+        `polymodal.models.generation.generate`)."""
         tok = self.tokenizer
-        if memory is None:
+        if memory is None and images is not None:
             memory = self.model.encode(self.model.decoder_memory, images.to(self.device))
         ids, _ = self.model.generate(
             memory,

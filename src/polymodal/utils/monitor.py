@@ -41,6 +41,6 @@ def optimized_metric(cfg: DictConfig) -> str:
 
 
 def metric_mode(name: str) -> str:
-    """`min` for losses, ranks and error rates (`val/loss`, `val/retrieval/i2t_mean_rank`,
-    `val/caption/wer`), else `max`."""
-    return "min" if name.endswith(("loss", "_rank", "wer")) else "max"
+    """`min` for losses, ranks, error rates and perplexities (`val/loss`,
+    `val/retrieval/i2t_mean_rank`, `val/caption/wer`, `val/lm/perplexity`), else `max`."""
+    return "min" if name.endswith(("loss", "_rank", "wer", "perplexity", "nll")) else "max"
