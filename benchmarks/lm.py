@@ -16,12 +16,12 @@ import argparse
 import math
 
 import torch
-import torch.nn.functional as F
 
 import polymodal
 from polymodal.data.shapes import parse_caption
 from polymodal.data.shards import TEXT_KEYS, expand_shards
 from polymodal.data.shardtools import captions
+from polymodal.objectives.lm import token_nll
 
 SAMPLING = {
     "greedy": {"strategy": "greedy"},
@@ -40,10 +40,9 @@ def model_nll(model: polymodal.Polymodal, texts: list[str], batch: int = 256) ->
     total, count = 0.0, 0
     for start in range(0, len(texts), batch):
         ids, mask = token_rows(model, texts[start : start + batch])
-        logits = model.module.model.decode(ids[:, :-1], None, text_mask=mask[:, :-1]).float()
-        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-        total += float((nll * mask[:, 1:]).sum())
-        count += int(mask[:, 1:].sum())
+        logits = model.module.model.decode(ids[:, :-1], None, text_mask=mask[:, :-1])
+        nll, tokens = token_nll(logits, ids, mask)
+        total, count = total + float(nll), count + int(tokens)
     return total, count
 
 

@@ -29,6 +29,7 @@ from polymodal.data.shards import (
 from polymodal.data.tokenizer import TextTokenizer
 from polymodal.data.transforms import image_transform
 from polymodal.evaluation.zeroshot import build_zeroshot_classifier
+from polymodal.objectives.lm import LMObjective
 from polymodal.tasks.pretrain import PretrainModule
 from polymodal.utils.checkpoint import check_targets, read_checkpoint
 from polymodal.utils.cli import interactive, progress_bar
@@ -315,6 +316,8 @@ class Polymodal:
         if (images is None) == (audio is None):
             raise ValueError("generate: pass images or audio")
         given = "image" if audio is None else "audio"
+        if model.decoder is not None and model.decoder_memory is None:
+            raise ConfigError("this checkpoint is a language model of text: use complete()")
         if model.decoder is not None and model.decoder_memory != given:
             raise ConfigError(
                 f"this checkpoint's decoder attends to {model.decoder_memory}, not {given}"
@@ -329,12 +332,22 @@ class Polymodal:
     @torch.no_grad()
     def complete(self, prompts: Sequence[str], **kwargs) -> list[str]:
         """Each prompt continued by the decoder alone (a checkpoint trained with the `lm`
-        objective, e.g. experiment=lm_shapes), prompt included: "a red" -> "a red circle
-        on the left". kwargs as `PretrainModule.generate` (strategy, top_k, max_length
-        counting the prompt's tokens, ...). Prompts of one token length decode together."""
-        if self.module.model.decoder is None:
-            raise ConfigError("this checkpoint has no decoder (train it with task.objectives.lm)")
-        prefixes = [self.tokenizer.prompt_ids(p) for p in prompts]
+        objective, e.g. experiment=lm_shapes), prompt included: "a red" -> "a red circle".
+        kwargs as `PretrainModule.generate` (strategy, top_k, max_length counting the
+        prompt's tokens, ...). Prompts of one token length decode together."""
+        if isinstance(prompts, str):
+            raise TypeError("complete takes a list of prompts, not one string")
+        if not any(isinstance(o, LMObjective) for o in self.module.objectives.values()):
+            raise ConfigError(
+                "this checkpoint's decoder was not trained on text alone (task.objectives.lm): "
+                "it would continue prompts at random"
+            )
+        context = self.module.model.decoder.context_length
+        prefixes = []
+        for prompt in prompts:
+            prefixes.append(self.tokenizer.prompt_ids(prompt))
+            if len(prefixes[-1]) > context:
+                raise ValueError(f"prompt {prompt!r} fills the {context}-token context")
         out: list[str] = [""] * len(prompts)
         for length in sorted({len(p) for p in prefixes}):
             rows = [i for i, p in enumerate(prefixes) if len(p) == length]

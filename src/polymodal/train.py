@@ -74,12 +74,15 @@ def output_dir_lock(cfg: DictConfig) -> Iterator[None]:
         yield
 
 
-def ddp_for_mixed_sources(cfg: DictConfig) -> None:
+def ddp_for_unused_parameters(cfg: DictConfig) -> None:
     """With `data.sources`, a step trains only its batch's modalities (an image-text step
-    leaves the audio stem unused): DDP must then look for unused parameters, and cannot
-    assume one graph for every step (static_graph). Covers our DDPStrategy presets and
-    Lightning's strategy names ("ddp", "ddp_spawn", and "auto" on several devices)."""
-    if not cfg.data.get("sources"):
+    leaves the audio stem unused), and a language model of text alone (`model.modalities=
+    [text]`) trains its decoder, not its text encoder: DDP must then look for unused
+    parameters, and cannot assume one graph for every step (static_graph). Covers our
+    DDPStrategy presets and Lightning's strategy names ("ddp", "ddp_spawn", and "auto" on
+    several devices)."""
+    text_alone = list(cfg.model.get("modalities") or []) == ["text"]
+    if not (cfg.data.get("sources") or text_alone):
         return
     strategy = cfg.trainer.get("strategy")
     if isinstance(strategy, DictConfig):
@@ -111,7 +114,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if cfg.get("seed") is not None:
             L.seed_everything(cfg.seed, workers=True)
         datamodule = instantiate(cfg.data)
-        ddp_for_mixed_sources(cfg)
+        ddp_for_unused_parameters(cfg)
         module = build_module(cfg)
         module.run_config = OmegaConf.to_container(cfg, resolve=True)
         callbacks = instantiate_group(cfg.get("callbacks"), "callbacks")

@@ -15,7 +15,7 @@ from polymodal.data.shards import SampleDecoder, expand_shards
 from polymodal.data.stream import MixedSamples, ShardedSamples, source_of_batch
 from polymodal.data.tokenizer import TextTokenizer
 from polymodal.data.transforms import image_transform
-from polymodal.train import ddp_for_mixed_sources
+from polymodal.train import ddp_for_unused_parameters
 from polymodal.utils.errors import ConfigError
 from tests.helpers import compose_train
 
@@ -176,11 +176,17 @@ def test_bad_mix_settings_fail_in_one_line(change, message):
 def test_ddp_looks_for_unused_parameters_in_a_mix(trainer, expected):
     """A step of one source leaves the other's stem unused: every DDP form of
     trainer.strategy is made to find unused parameters (others are left alone)."""
-    cfg = OmegaConf.create({"data": {"sources": {"a": {}}}, "trainer": trainer})
-    ddp_for_mixed_sources(cfg)
+    model = {"modalities": ["image", "text"]}
+    cfg = OmegaConf.create({"data": {"sources": {"a": {}}}, "model": model, "trainer": trainer})
+    ddp_for_unused_parameters(cfg)
     assert OmegaConf.to_container(cfg.trainer).get("strategy", "auto") == expected
-    plain = OmegaConf.create({"data": {"sources": {}}, "trainer": dict(trainer)})
-    ddp_for_mixed_sources(plain)  # no mix: untouched
+    # a language model of text alone leaves its text encoder unused: the same
+    text = {"data": {}, "model": {"modalities": ["text"]}, "trainer": dict(trainer)}
+    text = OmegaConf.create(text)
+    ddp_for_unused_parameters(text)
+    assert OmegaConf.to_container(text.trainer).get("strategy", "auto") == expected
+    plain = OmegaConf.create({"data": {"sources": {}}, "model": model, "trainer": dict(trainer)})
+    ddp_for_unused_parameters(plain)  # no mix: untouched
     assert OmegaConf.to_container(plain.trainer) == trainer
 
 

@@ -469,6 +469,33 @@ def test_beam_search_from_a_prefix_is_exact_when_beams_cover_all_continuations()
         torch.testing.assert_close(beam_logprob[i], scores.max(), atol=1e-5, rtol=0)
 
 
+def test_beam_search_from_a_prefix_scores_lengths_after_the_prefix() -> None:
+    """With a length penalty and EOS allowed, exhaustive beams find the brute-force best of
+    every continuation of up to 3 tokens after a 3-token prompt, scored by its log-prob
+    over its generated tokens (EOS included) ** length_penalty."""
+    vocab, start, new = 8, 3, 3
+    decoder = make_decoder(vocab=vocab, eos_bias=1.5)  # some end early, not all
+    prefix = make_prefix(12, start, vocab=vocab)
+    memory = make_memory(12)
+    beams = (vocab - 1) ** 2
+    beam_ids, _ = gen(
+        decoder, memory, prefix=prefix, strategy="beam", num_beams=beams, max_length=start + new
+    )
+    tokens = [t for t in range(vocab) if t != EOS]
+    endings = [[EOS, PAD, PAD]] + [[a, EOS, PAD] for a in tokens]
+    endings += [[a, b, EOS] for a in tokens for b in tokens]
+    endings += [list(c) for c in itertools.product(tokens, repeat=3)]  # cut at max_length
+    endings = torch.tensor(endings)
+    lengths = torch.where(endings == EOS, torch.arange(1, 4), 3).min(dim=1).values
+    for i in range(len(prefix)):
+        candidates = torch.cat([prefix[i].expand(len(endings), -1), endings], dim=1)
+        item_memory = memory[i : i + 1].expand(len(endings), -1, -1)
+        scores = sequence_logprob(decoder, candidates, item_memory, start=start) / lengths
+        best = candidates[scores.argmax()][: start + int(lengths[scores.argmax()])]
+        assert torch.equal(beam_ids[i, : len(best)], best)
+        assert (beam_ids[i, len(best) :] == PAD).all()
+
+
 @pytest.mark.parametrize(
     ("memory", "prefix", "match"),
     [

@@ -202,6 +202,8 @@ def test_a_model_of_text_alone(tmp_path):
     its validation reports perplexity and nothing that needs another modality; captioning
     such a model is one clear line."""
     cfg = compose_train(["experiment=lm_shapes"], tmp_path, tmp_path)
+    assert cfg.callbacks.model_checkpoint.monitor == "val/lm/perplexity"  # auto, lowest
+    assert cfg.callbacks.model_checkpoint.mode == "min"
     module = build_module(cfg)
     assert module.model.modalities == ["text"] and module.model.decoder_memory is None
     assert not any("cross_attn" in n for n, _ in module.model.named_parameters())

@@ -332,8 +332,11 @@ _PAIR_PATTERNS = [_pattern(t) for t in PAIR_TEMPLATES]
 
 
 def parse_caption(text: str) -> list[dict[str, str]] | None:
-    """The objects a caption names (each {shape, color, [size], [position]}), or None when
-    the generator could not have written it: the check of a language model's completions."""
+    """The objects a caption names (each {shape, color, [size]}, and the position of a
+    one-object caption that names it), or None when the text does not follow the
+    generator's caption grammar with words of its vocabulary: the check of a language
+    model's completions. Grammar only: a pair the generator never draws (both on one side)
+    still parses."""
     for template, pattern in zip(SINGLE_TEMPLATES, _SINGLE_PATTERNS, strict=True):
         match = pattern.fullmatch(text)
         if match is None:

@@ -208,10 +208,8 @@ class TextTokenizer:
         return ids, mask
 
     def prompt_ids(self, text: str) -> list[int]:
-        """BOS and the tokens of `text`, no EOS: a prefix for the decoder to continue
-        (cut to leave one position to generate into)."""
-        tokens = self._tokenizer.encode(text.strip(), add_special_tokens=False).ids
-        return [self.bos_id, *tokens[: self._context_length - 2]]
+        """BOS and the tokens of `text`, no EOS: a prefix for the decoder to continue."""
+        return [self.bos_id, *self._tokenizer.encode(text.strip(), add_special_tokens=False).ids]
 
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special: bool = True) -> str:
         """Decode one sequence; the byte-level prefix space is stripped."""

@@ -23,8 +23,8 @@ from polymodal.evaluation.media import RetrievalExamples, retrieval_examples, wr
 from polymodal.evaluation.retrieval import reranked_recall_at_1
 from polymodal.evaluation.zeroshot import ZeroShotTask
 from polymodal.models.model import PolymodalModel
-from polymodal.objectives.base import EncodingCache, NoPairedModality
-from polymodal.objectives.lm import token_nll
+from polymodal.objectives.base import EncodingCache
+from polymodal.objectives.lm import lm_logits, token_nll
 from polymodal.utils.distributed import gather_objects, gather_variable, rank_and_world
 
 Captioner = Callable[..., list[str]]  # (memory=tokens, **generation) -> captions
@@ -97,15 +97,14 @@ class ValidationReport:
     ) -> None:
         """Add one val batch: its embeddings, (with an ITM head) its tokens, (with a
         decoder, in the first `caption_batches`) captions of its images; with
-        `perplexity`, its texts' log-likelihood. A set of texts alone gets only that."""
+        `perplexity`, its texts' log-likelihood (all a model of text alone gets)."""
         model, batch = cache.model, cache.batch
         if self.perplexity:
-            nll, count = token_nll(cache)
-            self._nll = [self._nll[0] + float(nll), self._nll[1] + int(count)]
-        try:
-            modality = cache.paired_modality
-        except NoPairedModality:
+            nll, count = token_nll(lm_logits(cache), batch["text_ids"], batch["text_mask"])
+            self._nll = [self._nll[0] + nll, self._nll[1] + count]  # no host sync per batch
+        if model.paired_modality == "text":  # a model of text alone: nothing to pair
             return
+        modality = cache.paired_modality
         self.evaluator.update(
             cache.embedding(modality), cache.embedding("text"), batch["meta"], batch["text"]
         )
@@ -136,12 +135,12 @@ class ValidationReport:
     ) -> dict[str, float]:
         """Every metric over the whole val set (a collective under DDP: all ranks call)."""
         device = next(model.parameters()).device
-        if self.evaluator.metas:  # not a set of texts alone (the same on every rank)
+        if model.paired_modality != "text":  # a model of text alone collects no embeddings
             self.evaluator.gather(device)
         self.captions = gather_objects(self.captions)
         metrics = self.evaluator.compute(encode_prompts)
         if self.perplexity:
-            sums = gather_objects([self._nll])
+            sums = gather_objects([(float(self._nll[0]), int(self._nll[1]))])
             nll = sum(s for s, _ in sums) / max(1, sum(c for _, c in sums))
             metrics.update({"lm/nll": nll, "lm/perplexity": float(np.exp(nll))})
         tokens = self._gathered_tokens()

@@ -74,6 +74,8 @@ def generate(
     vocab_size = decoder.embed.token.num_embeddings
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown generation strategy {strategy!r}; expected one of {STRATEGIES}")
+    if memory is None and memory_mask is not None:
+        raise ValueError("memory_mask without a memory")
     if memory is not None and memory.ndim != 3:
         raise ValueError(f"memory must be [N, M, dim], got shape {tuple(memory.shape)}")
     if prefix is None:
@@ -155,7 +157,7 @@ def _next_logits(
 
 
 def _penalize_repetition(logits: Tensor, ids: Tensor, penalty: float) -> Tensor:
-    """CTRL penalty on the tokens generated so far (BOS excluded)."""
+    """CTRL penalty on the tokens of the sequence so far (BOS excluded, a prefix included)."""
     generated = ids[:, 1:]
     if penalty == 1.0 or not generated.shape[1]:
         return logits
@@ -258,8 +260,8 @@ def _beam_search(
     # Active beams, flattened [batch * beams, t]. All start as the prefix; only the first may
     # expand at the first step, otherwise the same continuation would fill every beam.
     ids = prefix.repeat_interleave(beams, dim=0)
-    # generated tokens (EOS included) of a sequence of t columns: t - done
-    done = start - 1
+    # generated tokens (EOS included) of a sequence of t columns: t - offset
+    offset = start - 1
     search_scores = torch.zeros(batch, beams, device=device)
     search_scores[:, 1:] = -math.inf
     raw_scores = torch.zeros(batch, beams, device=device)
@@ -271,7 +273,7 @@ def _beam_search(
     cache = decoder.init_cache() if use_cache else None
 
     while ids.shape[1] < max_length:
-        length = ids.shape[1]  # columns so far; a new EOS makes `length - done` generated tokens
+        length = ids.shape[1]  # columns so far; a new EOS makes `length - offset` generated
         logits = _next_logits(decoder, ids, memory, memory_mask, cache)
         raw_logprobs = logits.log_softmax(dim=-1)
         # EOS is masked after log_softmax (as in HF): without a repetition penalty the search
@@ -292,7 +294,7 @@ def _beam_search(
         # Finished hypotheses: EOS among the top `beams` candidates, merged into the pool.
         finishes = is_eos & (rank < beams) & cand_scores.isfinite()
         new_scores = torch.where(
-            finishes, cand_scores / (length - done) ** length_penalty, -math.inf
+            finishes, cand_scores / (length - offset) ** length_penalty, -math.inf
         )
         new_ids = torch.cat(
             [
@@ -318,7 +320,7 @@ def _beam_search(
             cache.reorder(rows)
 
         if ids.shape[1] < max_length and _beams_cannot_improve(
-            search_scores, pool_scores, ids.shape[1] - done, max_length - done, length_penalty
+            search_scores, pool_scores, ids.shape[1] - offset, max_length - offset, length_penalty
         ):
             break
     else:

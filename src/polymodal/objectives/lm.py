@@ -22,12 +22,11 @@ def lm_logits(cache: EncodingCache) -> Tensor:
 
 
 @torch.no_grad()
-def token_nll(cache: EncodingCache) -> tuple[Tensor, Tensor]:
-    """(summed negative log-likelihood, number of predicted tokens) of the batch's texts:
-    every real token after BOS, EOS included. exp(sum / count) over a set is its perplexity."""
-    ids, mask = cache.batch["text_ids"], cache.batch["text_mask"]
-    logits = lm_logits(cache).float()
-    nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+def token_nll(logits: Tensor, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(summed negative log-likelihood, number of predicted tokens) of texts `ids` [N, L]
+    (`mask` True for real tokens) under next-token `logits` [N, L - 1, V]: every real token
+    after BOS, EOS included. exp(sum / count) over a set is its perplexity."""
+    nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
     real = mask[:, 1:]
     return (nll * real).sum(), real.sum()
 

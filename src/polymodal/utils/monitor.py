@@ -1,6 +1,7 @@
 """The metric a run is judged by: returned to sweepers, monitored by the best checkpoint.
 
-`optimized_metric: auto` follows what the run validates, decided here alone: zero-shot
+`optimized_metric: auto` follows what the run validates, decided here alone: the val
+perplexity of a language model of text alone (`model.modalities=[text]`), else zero-shot
 mean accuracy when `data.zeroshot` is set, else mean retrieval R@1 when there are val
 shards and `task.evaluation.retrieval`, else the val loss; without val shards, the train
 loss. With `data.val_sets`, the same for the first set (`val/<name>/...`). An explicit
@@ -33,6 +34,8 @@ def optimized_metric(cfg: DictConfig) -> str:
         prefix, zeroshot = val_prefix(""), data.get("zeroshot")
     else:
         return "train/loss"
+    if list(cfg.model.get("modalities") or []) == ["text"]:
+        return f"{prefix}lm/perplexity"
     if zeroshot:
         return f"{prefix}zeroshot/mean_acc"
     if evaluation.get("retrieval", True):
