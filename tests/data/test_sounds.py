@@ -14,7 +14,13 @@ import soundfile
 from omegaconf import OmegaConf
 
 from polymodal.data.cli import main
-from polymodal.data.sounds import ATTRIBUTES, ensure_sounds, render_clip, write_sounds
+from polymodal.data.sounds import (
+    ATTRIBUTES,
+    ensure_sounds,
+    render_clip,
+    write_sounds,
+    zeroshot_phrases,
+)
 from polymodal.evaluation.zeroshot import zeroshot_tasks
 from polymodal.utils.cli import CONFIG_DIR
 from tests.helpers import samples_by_key, tar_members
@@ -276,6 +282,34 @@ def test_captions_name_the_attributes(clips: list) -> None:
     assert 40 < pairs < 150
     assert mentioned == labelled  # every caption names every attribute its clip has
     assert all(labelled.values())
+
+
+def _first_wordings(caption: str) -> str:
+    """A caption in the first of its alternative wordings (what zeroshot_phrases says)."""
+    for alternative, first in (
+        (r"\b(one|a single) ", "a "),
+        ("-pitched", ""),
+        ("at a constant volume", "at a steady volume"),
+        ("getting louder", "fading in"),
+        ("getting quieter", "fading out"),
+        (", ", " "),
+    ):
+        caption = re.sub(alternative, first, caption)
+    return caption
+
+
+def test_zeroshot_phrases_are_what_the_captions_say(singles: list) -> None:
+    """Each one-sound caption holds a phrase of its own class of every attribute it has,
+    and none of another class's: the prompts average over captions as they are written."""
+    phrases = {attribute: zeroshot_phrases(attribute) for attribute in ATTRIBUTES}
+    for _, caption, attributes in singles:
+        text = _first_wordings(caption)
+        for attribute, by_class in phrases.items():
+            found = {c for c, wordings in by_class.items() if any(w in text for w in wordings)}
+            assert found == ({attributes[attribute]} if attribute in attributes else set()), (
+                caption,
+                attribute,
+            )
 
 
 def test_zeroshot_spec_matches_the_manifest(dataset: tuple[Path, dict]) -> None:

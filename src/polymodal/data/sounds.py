@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -278,6 +279,40 @@ def _caption(rng: np.random.Generator, events: list[dict[str, str]]) -> tuple[st
     first, second = _LOUDNESS_PHRASES[event["loudness"]]
     loudness = first if rng.random() < _FIRST_PHRASE_PROB else second
     return SINGLE_TEMPLATES[index].format(np=noun, loudness=loudness), index
+
+
+def _one_sound_events() -> list[dict[str, str]]:
+    """Every labelled one-sound clip the generator can make, as its attributes."""
+    events = []
+    for sound in SOUNDS:
+        pitches = PITCHES if sound in PITCHED else (None,)
+        durations = DURATIONS if sound != "click" else (None,)
+        for count, duration, pitch in itertools.product(COUNTS, durations, pitches):
+            event = {"sound": sound, "count": count, "duration": duration, "pitch": pitch}
+            labelled = count != "one" or duration == "long"  # as _sample_events
+            for loudness in LOUDNESS if labelled else (None,):
+                events.append({k: v for k, v in {**event, "loudness": loudness}.items() if v})
+    return events
+
+
+def zeroshot_phrases(attribute: str) -> dict[str, list[str]]:
+    """Per class of `attribute`, what the captions of every one-sound clip holding it say
+    ("two short high beeps fading in", in the captions' first wordings), so that a class's
+    prompts average over the other attributes as its captions name them: zero-shot
+    prompts in the captions' own words (`${polymodal.sounds_phrases:<attribute>}` in
+    conf/zeroshot/sounds.yaml)."""
+    if attribute not in ATTRIBUTES:
+        raise ValueError(f"sounds has no attribute {attribute!r} (has {list(ATTRIBUTES)})")
+    phrases: dict[str, list[str]] = {value: [] for value in ATTRIBUTES[attribute]}
+    for event in _one_sound_events():
+        if attribute in event:
+            words = [_ONE_WORDS[0] if event["count"] == "one" else event["count"]]
+            words += [event[k] for k in ("duration", "pitch") if k in event]
+            words.append(event["sound"] if event["count"] == "one" else _PLURAL[event["sound"]])
+            if "loudness" in event:
+                words.append(_LOUDNESS_PHRASES[event["loudness"]][0])
+            phrases[event[attribute]].append(" ".join(words))
+    return phrases
 
 
 def render_clip(
