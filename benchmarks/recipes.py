@@ -41,6 +41,7 @@ COLUMNS = {
     "retrieval/i2t_r5": "i2t R@5",
     "retrieval/t2i_r5": "t2i R@5",
     "caption/wer": "WER",
+    "lm/perplexity": "perplexity",  # lm_shapes
 }
 
 
