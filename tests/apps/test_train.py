@@ -46,7 +46,8 @@ def test_experiment_fast_dev_run(experiment, tmp_path, shapes_dir, digits_dir, r
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert written == pytest.approx(metrics)
     if list(cfg.model.modalities) == ["text"]:  # a language model: perplexity alone
-        assert 1 < written["val/lm/perplexity"] < cfg.model.vocab_size  # tests/apps/test_lm.py
+        # one step: about the vocabulary's size (learning: tests/apps/test_lm.py)
+        assert 1 < written["val/lm/perplexity"] < 2 * cfg.model.vocab_size
         assert written["val/lm/perplexity"] == pytest.approx(math.exp(written["val/lm/nll"]))
         assert not any("zeroshot" in k or "retrieval" in k for k in written)
         return

@@ -87,7 +87,11 @@ def test_values_lists_a_json_field_or_a_member_with_counts(shards, tmp_path, cap
 def test_zero_shot_class_sources(shards, tmp_path):
     (tmp_path / "names.txt").write_text("circle\nsquare\n\ntriangle\n")
     (tmp_path / "names.json").write_text('["circle", "square"]')
-    (tmp_path / "manifest.json").write_text('{"attributes": {"label": ["square", "circle"]}}')
+    manifest = {
+        "attributes": {"label": ["square", "circle"]},
+        "phrases": {"label": {"circle": ["a round one", "a disc"]}},
+    }
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     values = values_reader(str(shards / "val-*.tar"), "data.val_shards")
     spec = {
         "label": {"classes": str(tmp_path / "names.txt"), "phrases": {"circle": "round"}},
@@ -103,10 +107,11 @@ def test_zero_shot_class_sources(shards, tmp_path):
     assert tasks["color"].templates == ["something {}"]
     assert tasks["from_list"].classes == ["a", "2"]
     assert tasks["from_json"].classes == ["circle", "square"]
-    manifest = zeroshot_tasks(
-        {"label": {"classes": str(tmp_path / "manifest.json")}}, "data.zeroshot", values
-    )
+    path = str(tmp_path / "manifest.json")
+    spec = {"label": {"classes": path, "phrases": path}}
+    manifest = zeroshot_tasks(spec, "data.zeroshot", values)
     assert manifest["label"].classes == ["square", "circle"]
+    assert manifest["label"].phrases == {"circle": ["a round one", "a disc"]}
 
 
 @pytest.mark.parametrize(
@@ -117,6 +122,8 @@ def test_zero_shot_class_sources(shards, tmp_path):
         ({"classes": "nothing.txt"}, "data.zeroshot.label.classes: no such file"),
         ({"classes": "values", "typo": 1}, "data.zeroshot.label: unknown key 'typo'"),
         ({"classes": [1], "templates": ["no slot"]}, "data.zeroshot.label.templates"),
+        ({"classes": [1], "phrases": "nothing.json"}, "data.zeroshot.label.phrases: expected"),
+        ({"classes": [1], "phrases": {"a": []}}, "data.zeroshot.label.phrases.a: words"),
     ],
 )
 def test_zero_shot_spec_errors_name_the_field(shards, entry, message):

@@ -319,6 +319,7 @@ def test_zeroshot_spec_matches_the_manifest(dataset: tuple[Path, dict]) -> None:
     spec = OmegaConf.to_container(config.zeroshot, resolve=True)
     tasks = zeroshot_tasks(spec, "data.zeroshot", values=lambda attribute: [])
     assert {a: t.classes for a, t in tasks.items()} == manifest["attributes"]
+    assert {a: t.phrases for a, t in tasks.items()} == {a: zeroshot_phrases(a) for a in tasks}
     for task in tasks.values():
         assert set(task.phrases) <= set(task.classes)
 

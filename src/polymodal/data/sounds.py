@@ -299,7 +299,7 @@ def zeroshot_phrases(attribute: str) -> dict[str, list[str]]:
     """Per class of `attribute`, what the captions of every one-sound clip holding it say
     ("two short high beeps fading in", in the captions' first wordings), so that a class's
     prompts average over the other attributes as its captions name them: zero-shot
-    prompts in the captions' own words (`${polymodal.sounds_phrases:<attribute>}` in
+    prompts in the captions' own words (the manifest's `phrases`, read by
     conf/zeroshot/sounds.yaml)."""
     if attribute not in ATTRIBUTES:
         raise ValueError(f"sounds has no attribute {attribute!r} (has {list(ATTRIBUTES)})")
@@ -413,6 +413,7 @@ def write_sounds(
         ),
         "splits": splits,
         "attributes": {key: list(values) for key, values in ATTRIBUTES.items()},
+        "phrases": {key: zeroshot_phrases(key) for key in ATTRIBUTES},
         "sample_rate": sample_rate,
         "seconds": seconds,
         "tokenizer": "tokenizer.json",

@@ -71,6 +71,22 @@ def read_classes(
     return names
 
 
+def read_phrases(source: object, where: str, attribute: str) -> dict:
+    """Phrases from `source`: a mapping (class name -> words or wordings), or a json
+    manifest whose `phrases.<attribute>` is one (a generated dataset's, written with the
+    captions' grammar). `where` names the config field in errors."""
+    if not isinstance(source, str):
+        return dict(source or {})
+    path = Path(source)
+    if path.suffix != ".json" or not path.is_file():
+        raise ConfigError(f"{where}: expected class -> words, or a json manifest; got {source!r}")
+    phrases = json.loads(path.read_text())
+    phrases = phrases.get("phrases", {}) if isinstance(phrases, dict) else {}
+    if not isinstance(phrases.get(attribute), dict):
+        raise ConfigError(f"{where}: {source} has no phrases.{attribute}")
+    return phrases[attribute]
+
+
 def zeroshot_tasks(
     spec: Mapping | None, where: str, values: Callable[[str], list[str]]
 ) -> dict[str, ZeroShotTask]:
@@ -97,7 +113,7 @@ def zeroshot_tasks(
             raise ConfigError(
                 f"{where}.{attribute}.templates: each needs '{{}}' for the class, got {templates}"
             )
-        phrases = dict(entry.get("phrases") or {})
+        phrases = read_phrases(entry.get("phrases"), f"{where}.{attribute}.phrases", attribute)
         for name, words in phrases.items():
             wordings = [words] if isinstance(words, str) else words
             if not wordings or not all(isinstance(w, str) and w for w in wordings):

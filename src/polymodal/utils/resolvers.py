@@ -10,8 +10,6 @@ the same names; a config composed without an app (a test, a notebook) calls it i
 - `polymodal.optimized_metric`, `polymodal.metric_mode`: the best checkpoint's monitor
   and mode (conf/callbacks), `optimized_metric: auto` resolved (utils/monitor.py)
 - `polymodal.help_groups`: the `--help` group list (conf/hydra/help/polymodal.yaml)
-- `polymodal.sounds_phrases`: zero-shot phrases of a sounds attribute in its captions'
-  words (conf/zeroshot/sounds.yaml; polymodal.data.sounds.zeroshot_phrases)
 """
 
 from __future__ import annotations
@@ -40,18 +38,9 @@ def register() -> None:
         "polymodal.optimized_metric": lambda *, _root_: optimized_metric(_root_),
         "polymodal.metric_mode": lambda *, _root_: metric_mode(optimized_metric(_root_)),
         "polymodal.help_groups": help_groups,
-        "polymodal.sounds_phrases": sounds_phrases,
     }
     for name, resolver in resolvers.items():
         OmegaConf.register_new_resolver(name, resolver, replace=True)
-
-
-def sounds_phrases(attribute: str) -> dict[str, list[str]]:
-    """`${polymodal.sounds_phrases:<attribute>}` (imported on use: an app that reads no
-    sounds config does not load the generator)."""
-    from polymodal.data.sounds import zeroshot_phrases
-
-    return zeroshot_phrases(attribute)
 
 
 def _multirun_job() -> DictConfig | None:
