@@ -84,6 +84,24 @@ def sequence_logprob(
     return logprobs.where(counted, 0.0).sum(dim=1)
 
 
+def cached_and_recomputed(decoder: CaptionDecoder, memory: Tensor | None, **kwargs):
+    """Generate with the KV cache and by recomputing (same sampling seed); assert both give
+    the same ids and log-probabilities, and return the cached ones."""
+    (ids, logprob), (full_ids, full_logprob) = (
+        gen(
+            decoder,
+            memory,
+            use_cache=use_cache,
+            generator=torch.Generator().manual_seed(0),
+            **kwargs,
+        )
+        for use_cache in (True, False)
+    )
+    assert torch.equal(ids, full_ids)
+    torch.testing.assert_close(logprob, full_logprob, atol=1e-5, rtol=0)
+    return ids, logprob
+
+
 def test_cached_logits_match_full_prefix() -> None:
     decoder = make_decoder()
     ids = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(0))
@@ -130,22 +148,9 @@ def test_cached_generation_matches_recompute(strategy: str, kwargs: dict) -> Non
     memory = make_memory(6)
     memory_mask = torch.ones(6, 5, dtype=torch.bool)
     memory_mask[::2, 4] = False
-    outputs = [
-        gen(
-            decoder,
-            memory,
-            memory_mask=memory_mask,
-            strategy=strategy,
-            max_length=10,
-            use_cache=use_cache,
-            generator=torch.Generator().manual_seed(0),
-            **kwargs,
-        )
-        for use_cache in (True, False)
-    ]
-    (cached_ids, cached_logprob), (full_ids, full_logprob) = outputs
-    assert torch.equal(cached_ids, full_ids)
-    torch.testing.assert_close(cached_logprob, full_logprob, atol=1e-5, rtol=0)
+    cached_and_recomputed(
+        decoder, memory, memory_mask=memory_mask, strategy=strategy, max_length=10, **kwargs
+    )
 
 
 @pytest.mark.parametrize(
@@ -429,22 +434,9 @@ def test_generation_continues_a_prefix(with_memory: bool, strategy: str, kwargs:
     decoder = make_decoder(eos_bias=1.0) if with_memory else make_language_model()
     memory = make_memory(5) if with_memory else None
     prefix = make_prefix(5, 4)
-    outputs = [
-        gen(
-            decoder,
-            memory,
-            prefix=prefix,
-            strategy=strategy,
-            max_length=12,
-            use_cache=use_cache,
-            generator=torch.Generator().manual_seed(0),
-            **kwargs,
-        )
-        for use_cache in (True, False)
-    ]
-    (ids, logprob), (full_ids, full_logprob) = outputs
-    assert torch.equal(ids, full_ids)
-    torch.testing.assert_close(logprob, full_logprob, atol=1e-5, rtol=0)
+    ids, logprob = cached_and_recomputed(
+        decoder, memory, prefix=prefix, strategy=strategy, max_length=12, **kwargs
+    )
     assert torch.equal(ids[:, :4], prefix) and ids.shape[1] > 4
     expected = sequence_logprob(decoder, ids, memory, start=4)
     torch.testing.assert_close(logprob, expected, atol=1e-5, rtol=0)
