@@ -17,7 +17,7 @@ from polymodal.data.digits import write_digits
 from polymodal.data.shapes import write_shapes
 from polymodal.train import train
 from polymodal.utils.cli import CONFIG_DIR
-from tests.helpers import compose_train, logged_steps
+from tests.helpers import compose_train, logged_steps, train_tiny
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 AUDIO_DATASETS = {
@@ -126,6 +126,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         ("trainer.max_steps=abc", "trainer.max_steps"),
         ("data.batch_size=big", "data.batch_size"),
         ("trainer.no_such_key=1", "no_such_key"),
+        ("model.micro_batch_size=0", "model.micro_batch_size: must be >= 1, got 0"),
     ],
 )
 def test_bad_override_names_the_key(override, named, tmp_path, shapes_dir):
@@ -237,6 +238,39 @@ def test_temperature_is_clamped_once_per_optimizer_step(tmp_path, shapes_dir, mo
     ]
     metrics = train(compose_train(overrides, tmp_path, shapes_dir))
     assert metrics["train/global_step"] == 3 and len(calls) == 3
+
+
+def test_micro_batches_train_as_the_whole_batch(tmp_path, shapes_dir, monkeypatch):
+    """`model.micro_batch_size=4` with batches of 16: the same losses at every step and
+    the same weights after 3 AdamW steps as encoding each batch at once."""
+    from polymodal.models import model
+
+    chunks = []
+    checkpoint = model.checkpoint
+    monkeypatch.setattr(
+        model, "checkpoint", lambda *a, **k: chunks.append(1) or checkpoint(*a, **k)
+    )
+    runs = {}
+    for micro in ("null", "4"):
+        ckpt, _ = train_tiny(
+            tmp_path / micro,
+            shapes_dir,
+            f"model.micro_batch_size={micro}",
+            "model.stems.image.conv_stem=false",  # BatchNorm would see each chunk's statistics
+            "trainer.log_every_n_steps=1",
+            steps=3,
+        )
+        with open(tmp_path / micro / "csv" / "metrics.csv") as f:
+            losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+        runs[micro] = losses, state, len(chunks)
+    (whole_losses, whole, before), (micro_losses, micro, after) = runs["null"], runs["4"]
+    assert before == 0 and after == 3 * 2 * 4  # 3 steps x (image, text) x 4 chunks
+    assert len(whole_losses) == 3
+    assert micro_losses == pytest.approx(whole_losses, abs=1e-5)
+    assert whole.keys() == micro.keys()
+    differ = [k for k in whole if not torch.allclose(micro[k], whole[k], atol=1e-5, rtol=0)]
+    assert not differ, f"weights differ after 3 steps: {differ}"
 
 
 def test_bf16_mixed_fast_run(tmp_path, shapes_dir):

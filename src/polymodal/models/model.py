@@ -18,13 +18,17 @@ config alone. Objectives only turn the outputs of these parts into losses.
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from hydra.utils import get_class
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from polymodal.models.decoder import CaptionDecoder
 from polymodal.models.fusion import FusionEncoder
@@ -46,6 +50,8 @@ PARTS = {
     "decoder": (),
 }
 SHARED_ENCODER = "trunk"  # the encoders' key of the one trunk of multiway/shared
+
+log = logging.getLogger(__name__)
 
 
 def with_dependencies(parts: Sequence[str]) -> list[str]:
@@ -103,6 +109,28 @@ def build_encoders(
     return nn.ModuleDict({SHARED_ENCODER: shared}), {name: SHARED_ENCODER for name in built}
 
 
+@contextmanager
+def batch_norm_statistics_kept(module: nn.Module) -> Iterator[None]:
+    """Restore the BatchNorm running statistics of `module` on exit."""
+    saved = [
+        (buffer, buffer.clone())
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        for buffer in m.buffers()
+    ]
+    try:
+        yield
+    finally:
+        for buffer, value in saved:
+            buffer.copy_(value)
+
+
+def checkpoint_contexts(module: nn.Module) -> tuple:
+    """(forward, recomputation) contexts of a checkpointed `module`: the backward pass's
+    recomputation must not count its batch a second time in BatchNorm statistics."""
+    return nullcontext(), batch_norm_statistics_kept(module)
+
+
 class PolymodalModel(nn.Module):
     def __init__(
         self,
@@ -120,6 +148,7 @@ class PolymodalModel(nn.Module):
         decoder: Mapping | None = None,
         mim_decoder: Mapping | None = None,
         grad_checkpointing: bool = False,
+        micro_batch_size: int | None = None,
     ) -> None:
         super().__init__()
         if vocab_size is None:
@@ -179,6 +208,17 @@ class PolymodalModel(nn.Module):
                 **decoder,
             )
         self.set_grad_checkpointing(grad_checkpointing)
+        self.micro_batch_size = micro_batch_size
+        if micro_batch_size and any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.modules()
+        ):
+            log.warning(
+                "model.micro_batch_size=%d: BatchNorm layers (e.g. the image conv stem) "
+                "normalise each micro-batch by its own statistics, so the gradients are "
+                "close to, not equal to, those of the whole batch "
+                "(model.stems.image.conv_stem=false has none)",
+                micro_batch_size,
+            )
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         """Recompute every Transformer block's activations in backward (timm's convention:
@@ -233,8 +273,30 @@ class PolymodalModel(nn.Module):
     def encode(
         self, modality: str, x: Tensor, mask: Tensor | None = None, keep: Tensor | None = None
     ) -> Tensor:
-        """Tokens [B, L, width]; with `keep` [B, K] only those patches (plus prefix)."""
-        return self.encoder(modality).encode(modality, x, mask, keep)
+        """Tokens [B, L, width]; with `keep` [B, K] only those patches (plus prefix).
+
+        With `micro_batch_size` the batch is encoded in chunks of that many samples, each
+        under activation checkpointing: only the chunks' output tokens are kept for the
+        backward pass, which recomputes one chunk at a time. A contrastive loss over the
+        whole batch then has its exact loss and gradients (every negative) with the
+        encoder memory of one chunk: what open_clip's `accum_freq` and GradCache give,
+        and every other objective of the step sees the whole batch too."""
+        encoder = self.encoder(modality)
+        size = self.micro_batch_size
+        if size is None or len(x) <= size:
+            return encoder.encode(modality, x, mask, keep)
+        contexts = partial(checkpoint_contexts, encoder)
+        chunks = []
+        for start in range(0, len(x), size):
+            part = [t if t is None else t[start : start + size] for t in (x, mask, keep)]
+            if torch.is_grad_enabled():
+                chunk = checkpoint(
+                    encoder.encode, modality, *part, use_reentrant=False, context_fn=contexts
+                )
+            else:
+                chunk = encoder.encode(modality, *part)
+            chunks.append(chunk)
+        return torch.cat(chunks)
 
     def pool(self, modality: str, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
         return self.encoder(modality).pool(modality, tokens, mask)

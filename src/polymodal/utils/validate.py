@@ -85,6 +85,7 @@ RANGES: dict[str, Range] = {
     "task.objectives.*.mask_ratio": Range(0, 1, high_open=True),  # some patches stay visible
     "task.objectives.*.mask_prob": FRACTION,
     "task.objectives.*.label_smoothing": FRACTION,
+    "model.micro_batch_size": AT_LEAST_1,
     "model.logit_scale.init": POSITIVE,
     "model.logit_scale.max": POSITIVE,
     "task.evaluation.media_samples": AT_LEAST_0,
