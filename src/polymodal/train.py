@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from polymodal.tasks.pretrain import build_module
-from polymodal.utils.checkpoint import read_checkpoint
+from polymodal.utils.checkpoint import init_weights, read_checkpoint
 from polymodal.utils.checkpoint_io import previous_path
 from polymodal.utils.cli import hydra_app
 from polymodal.utils.errors import ConfigError
@@ -116,6 +116,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         datamodule = instantiate(cfg.data)
         ddp_for_unused_parameters(cfg)
         module = build_module(cfg)
+        if cfg.get("init_from") and ckpt_path is None:
+            start_from(module, cfg.init_from, cfg.init_keys)
         module.run_config = OmegaConf.to_container(cfg, resolve=True)
         callbacks = instantiate_group(cfg.get("callbacks"), "callbacks")
         loggers = instantiate_group(cfg.get("logger"), "logger")
@@ -171,6 +173,18 @@ def resume_from(cfg: DictConfig) -> str | None:
             "them away, or set auto_resume=false to train from scratch"
         )
     return None
+
+
+def start_from(module: L.LightningModule, path: str, keys: DictConfig) -> None:
+    """Load `init_from` weights into the new module and log what was and was not."""
+    found = init_weights(module, path, keys.prefix, list(keys.include), list(keys.exclude))
+    log.info("init_from=%s: loaded %d tensors", path, len(found["loaded"]))
+    for what, names in (
+        ("not in the model", found["unused"]),
+        ("not in the file", found["not_in_file"]),
+    ):
+        if names:
+            log.warning("init_from=%s: %d tensors %s, e.g. %s", path, len(names), what, names[:3])
 
 
 def resume_candidates(last: Path, checkpoint_dir: Path) -> list[Path]:

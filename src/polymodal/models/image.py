@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import timm
 import torch
 from timm.layers import PatchEmbed
-from timm.models import checkpoint_seq
+from timm.models import checkpoint_seq, group_parameters
 from torch import Tensor, nn
 
 from polymodal.models.trunk import Stem
@@ -145,3 +145,9 @@ class TimmImageTower(nn.Module):
 
     def pool(self, modality: str, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
         return self.model.forward_head(tokens, pre_logits=True)
+
+    def layer_groups(self) -> list[list[str]]:
+        """Parameter names from input to output in timm's coarse groups (ViT: the patch
+        embedding and tokens, then a group per block, the final norm joining the last)."""
+        groups = group_parameters(self.model, self.model.group_matcher(coarse=True))
+        return [[f"model.{name}" for name in groups[index]] for index in sorted(groups)]

@@ -27,6 +27,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from hydra.utils import get_class
+from timm.layers import freeze_batch_norm_2d
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -50,6 +51,8 @@ PARTS = {
     "decoder": (),
 }
 SHARED_ENCODER = "trunk"  # the encoders' key of the one trunk of multiway/shared
+# LiT settings of `model.towers.<modality>` (read by the model, not passed to the tower)
+LOCK_KEYS = ("lock", "unlocked_groups", "freeze_norm_stats")
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +160,7 @@ class PolymodalModel(nn.Module):
         # only the built stems are resolved: an unused one may refer to absent data config
         stems = {m: plain_dict(spec) for m, spec in select_stems(stems, modalities).items()}
         towers, trunk = plain_dict(towers), plain_dict(trunk)
+        locks = {m: {k: spec.pop(k) for k in LOCK_KEYS if k in spec} for m, spec in towers.items()}
         self.encoders, self.encoder_of = build_encoders(sharing, stems, towers, trunk)
         self.projections = nn.ModuleDict(
             {m: nn.Linear(self.width(m), embed_dim, bias=False) for m in self.encoder_of}
@@ -208,6 +212,13 @@ class PolymodalModel(nn.Module):
                 **decoder,
             )
         self.set_grad_checkpointing(grad_checkpointing)
+        for modality, settings in locks.items():
+            if settings.get("lock") and modality in self.encoder_of:
+                self.lock(
+                    modality,
+                    settings.get("unlocked_groups", 0),
+                    settings.get("freeze_norm_stats", False),
+                )
         self.micro_batch_size = micro_batch_size
         if micro_batch_size and any(
             isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.modules()
@@ -229,6 +240,47 @@ class PolymodalModel(nn.Module):
                 module.set_grad_checkpointing(enabled)  # timm models
             elif hasattr(module, "grad_checkpointing") and module is not self:
                 module.grad_checkpointing = enabled
+
+    def lock(
+        self, modality: str, unlocked_groups: int = 0, freeze_norm_stats: bool = False
+    ) -> None:
+        """LiT (open_clip's lock_image / lock_text): the modality's tower and projection
+        stop training, but for their last `unlocked_groups` layer groups (timm's groups,
+        then the projection as the last one). Locked parameters get no gradient and no
+        optimizer state. With `freeze_norm_stats` the BatchNorm layers of locked groups
+        keep their running statistics (timm's FrozenBatchNorm2d)."""
+        key = f"model.towers.{modality}"
+        if self.sharing != "separate":
+            raise ConfigError(
+                f"{key}.lock: needs model.sharing=separate (under {self.sharing} one trunk "
+                "encodes every modality)"
+            )
+        prefix = f"encoders.{self.encoder_of[modality]}."
+        groups = [
+            [prefix + name for name in group] for group in self.encoder(modality).layer_groups()
+        ]
+        groups.append(
+            [
+                f"projections.{modality}.{n}"
+                for n, _ in self.projections[modality].named_parameters()
+            ]
+        )
+        if not 0 <= unlocked_groups < len(groups):
+            raise ConfigError(
+                f"{key}.unlocked_groups: must be in [0, {len(groups) - 1}] (the tower has "
+                f"{len(groups)} layer groups with its projection), got {unlocked_groups}"
+            )
+        locked = {name for group in groups[: len(groups) - unlocked_groups] for name in group}
+        for name, param in self.named_parameters():
+            if name in locked:
+                param.requires_grad_(False)
+        if not freeze_norm_stats:
+            return
+        for name, module in list(self.named_modules()):
+            params = [f"{name}.{n}" for n, _ in module.named_parameters()]
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and set(params) <= locked:
+                parent, _, child = name.rpartition(".")
+                setattr(self.get_submodule(parent), child, freeze_batch_norm_2d(module))
 
     def part(self, name: str) -> nn.Module | Tensor:
         """An optional part, or a ConfigError saying how to build it."""

@@ -79,5 +79,16 @@ class Trunk(nn.Module):
     def pool(self, modality: str, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
         return self.stems[modality].pool(tokens, mask)
 
+    def layer_groups(self) -> list[list[str]]:
+        """Parameter names from input to output as timm groups a ViT: the stems, then a
+        group per block, the final norms joining the last (for locking all but the last)."""
+        names = [name for name, _ in self.named_parameters()]
+        groups = [[n for n in names if n.startswith("stems.")]]
+        groups += [
+            [n for n in names if n.startswith(f"blocks.{i}.")] for i in range(len(self.blocks))
+        ]
+        groups[-1] += [n for n in names if n.startswith("norms.")]
+        return groups
+
     def stem(self, modality: str) -> Stem:
         return self.stems[modality]

@@ -15,10 +15,13 @@ import importlib
 import pickle
 import re
 import zipfile
+from collections.abc import Callable, Sequence
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from polymodal.utils.errors import ConfigError
@@ -117,3 +120,71 @@ def check_targets(cfg: Any, field: str) -> None:
             check_targets(item, f"{field}[{index}]")
     elif isinstance(cfg, str) and "${" in cfg:
         raise ConfigError(f"{field}: {_one_line(repr(cfg))} is refused ({_INTERPOLATION})")
+
+
+def read_weights(path: str | Path, wanted: Callable[[str], bool]) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file whose keys `wanted` accepts: a `.safetensors` file
+    (only the wanted tensors are read), or a torch file (a Lightning checkpoint's
+    `state_dict`, or a plain state dict) unpickled as `read_checkpoint` does."""
+    if str(path).endswith(".safetensors"):
+        try:
+            with safe_open(str(path), framework="pt") as file:
+                names = file.keys()  # noqa: SIM118 (a safe_open handle is no dict)
+                return {k: file.get_tensor(k) for k in names if wanted(k)}
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read the weights ({err.strerror})") from None
+        except Exception as err:  # safetensors reports a bad header as SafetensorError
+            raise ConfigError(f"{path}: not a safetensors file ({_one_line(str(err))})") from None
+    checkpoint = read_checkpoint(path)
+    state = checkpoint.get("state_dict", checkpoint)
+    bad = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise ConfigError(f"{path}: not a state dict (its {bad!r} is no tensor)")
+    return {k: v for k, v in state.items() if wanted(k)}
+
+
+def init_weights(
+    module: nn.Module,
+    path: str | Path,
+    prefix: str = "",
+    include: Sequence[str] = ("*",),
+    exclude: Sequence[str] = (),
+) -> dict[str, list[str]]:
+    """Copy the tensors of the weights file at `path` into `module`'s state (not a
+    resume: nothing else of the file is used). A file key becomes `prefix + key` (a timm
+    ViT file into `model.encoders.image.model.`); keys matching an `include` pattern and
+    no `exclude` pattern (fnmatch) are loaded. A shape that differs is a ConfigError
+    naming the key, and so is a file of which nothing matches. Returns the keys
+    `loaded`, the file's `unused` ones (the module lacks them: a classifier head) and the
+    selected module keys `not_in_file`."""
+
+    def selected(key: str) -> bool:
+        return any(fnmatchcase(key, p) for p in include) and not any(
+            fnmatchcase(key, p) for p in exclude
+        )
+
+    tensors = {prefix + k: v for k, v in read_weights(path, lambda k: selected(prefix + k)).items()}
+    state = module.state_dict()
+    for key, value in tensors.items():
+        if key in state and value.shape != state[key].shape:
+            raise ConfigError(
+                f"{path}: {key} has shape {tuple(value.shape)}, the model's is "
+                f"{tuple(state[key].shape)} (init_keys.exclude it, or match the model)"
+            )
+    loaded = [k for k in tensors if k in state]
+    if not loaded:
+        raise ConfigError(
+            f"{path}: no tensor matches the model (init_keys: prefix {prefix!r}, include "
+            f"{list(include)}, exclude {list(exclude)}; a file key with the prefix: "
+            f"{next(iter(tensors), None)!r}, a model key: {next(iter(state))!r})"
+        )
+    with torch.no_grad():
+        for key in loaded:
+            state[key].copy_(tensors[key])
+    return {
+        "loaded": loaded,
+        "unused": [k for k in tensors if k not in state],
+        "not_in_file": [
+            k for k in state if k.startswith(prefix) and selected(k) and k not in tensors
+        ],
+    }

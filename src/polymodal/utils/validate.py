@@ -86,6 +86,7 @@ RANGES: dict[str, Range] = {
     "task.objectives.*.mask_prob": FRACTION,
     "task.objectives.*.label_smoothing": FRACTION,
     "model.micro_batch_size": AT_LEAST_1,
+    "model.towers.*.unlocked_groups": AT_LEAST_0,
     "model.logit_scale.init": POSITIVE,
     "model.logit_scale.max": POSITIVE,
     "task.evaluation.media_samples": AT_LEAST_0,
