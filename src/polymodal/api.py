@@ -55,7 +55,10 @@ class Polymodal:
         self.module = module.eval()
         self.config = config
         self.tokenizer = tokenizer
-        self.transform = image_transform(config["data"]["image_size"], train=False)
+        data = config["data"]
+        self.transform = image_transform(
+            data["image_size"], train=False, interpolation=data.get("interpolation", "bilinear")
+        )
         modalities = self.module.model.modalities
         self._modality = self.module.model.paired_modality
         self.audio = None

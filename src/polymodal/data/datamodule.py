@@ -112,6 +112,7 @@ class WebDataModule(L.LightningDataModule):
         context_length: int = 32,
         crop_scale: Sequence[float] = (0.8, 1.0),
         hflip: bool = False,
+        interpolation: str = "bilinear",
         shuffle_buffer: int = 2000,
         resampled: bool = False,
         train_samples: int | None = None,
@@ -137,6 +138,7 @@ class WebDataModule(L.LightningDataModule):
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
         self.image_size, self.crop_scale, self.hflip = image_size, crop_scale, hflip
+        self.interpolation = interpolation
         self.shuffle_buffer, self.resampled = shuffle_buffer, resampled
         self.train_samples, self.seed, self.strict = train_samples, seed, strict
         self.image_keys, self.text_keys = image_keys, text_keys
@@ -271,7 +273,13 @@ class WebDataModule(L.LightningDataModule):
         """The decoder of samples holding `modalities` (default: data.modalities)."""
         modalities = tuple(modalities or self.modalities)
         return SampleDecoder(
-            image_transform(self.image_size, train, self.crop_scale, self.hflip),
+            image_transform(
+                self.image_size,
+                train,
+                self.crop_scale,
+                self.hflip,
+                interpolation=self.interpolation,
+            ),
             self.image_keys,
             self.text_keys,
             max_pixels=self.max_pixels,

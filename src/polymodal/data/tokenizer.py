@@ -7,11 +7,12 @@ of the file: set by `data.special_tokens`, else detected by the conventions in
 
 from __future__ import annotations
 
+import gzip
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from polymodal.utils.errors import ConfigError
 from polymodal.utils.files import atomic_write_text
@@ -24,17 +25,66 @@ MASK = "[MASK]"
 # What `train_tokenizer` writes; the order fixes the ids: pad=0, unk=1, bos=2, eos=3, mask=4.
 SPECIAL_TOKENS = (PAD, UNK, BOS, EOS, MASK)
 # Tokens that play each role by convention, first match wins: polymodal's own, BERT
-# WordPiece ([CLS] text [SEP]), CLIP and GPT-2 BPE (<|startoftext|>, <|endoftext|>),
+# WordPiece ([CLS] text [SEP]), CLIP and GPT-2 BPE (<|startoftext|>, <|endoftext|>; open_clip's
+# <start_of_text>, <end_of_text>),
 # RoBERTa/sentencepiece (<s>, </s>). Without a pad or bos token of its own, a tokenizer
 # reuses eos (GPT-2 and HF's CLIP convention; open_clip pads with id 0, the token "!",
 # which decoding could not tell from text): padding is hidden by the attention mask, so
 # its id never reaches the model. mask is needed only by the mlm objective.
 ROLE_TOKENS = {
     "pad": ("[PAD]", "<pad>", "<|pad|>"),
-    "bos": ("[BOS]", "[CLS]", "<|startoftext|>", "<s>", "<bos>"),
-    "eos": ("[EOS]", "[SEP]", "<|endoftext|>", "</s>", "<eos>"),
+    "bos": ("[BOS]", "[CLS]", "<|startoftext|>", "<start_of_text>", "<s>", "<bos>"),
+    "eos": ("[EOS]", "[SEP]", "<|endoftext|>", "<end_of_text>", "</s>", "<eos>"),
     "mask": ("[MASK]", "<mask>", "<|mask|>"),
 }
+
+
+# open_clip's (OpenAI CLIP's) BPE: its merges file, token pattern and special tokens
+CLIP_MERGES = 49152 - 256 - 2  # merges open_clip reads from bpe_simple_vocab_16e6.txt.gz
+CLIP_PATTERN = (
+    r"""<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+)
+CLIP_SPECIAL_TOKENS = {"bos": "<start_of_text>", "eos": "<end_of_text>"}
+
+
+def clip_bpe_tokenizer(bpe_path: str | Path) -> Tokenizer:
+    """open_clip's tokenizer (`open_clip.tokenize`, OpenAI CLIP's BPE) as a HF tokenizers
+    Tokenizer, built from its merges file (`bpe_simple_vocab_16e6.txt.gz`, shipped in
+    the open_clip package): the same ids for text that ftfy leaves unchanged (whitespace
+    collapsed, lowercased, byte-level BPE with the `</w>` word suffix)."""
+    try:
+        with gzip.open(bpe_path, "rt", encoding="utf-8") as file:
+            lines = file.read().split("\n")[1 : CLIP_MERGES + 1]
+    except (OSError, EOFError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{bpe_path}: not a CLIP BPE merges file (.txt.gz): {err}") from None
+    merges = [tuple(line.split()) for line in lines]
+    if len(merges) != CLIP_MERGES or any(len(m) != 2 for m in merges):
+        raise ConfigError(f"{bpe_path}: not a CLIP BPE merges file ({CLIP_MERGES} merges expected)")
+    # open_clip's order: the byte characters in bytes_to_unicode order (the printable
+    # bytes as themselves, then the rest from chr(256) up: ascending code points), the
+    # same with </w>, the merges, the two special tokens
+    byte_chars = sorted(pre_tokenizers.ByteLevel.alphabet(), key=ord)
+    tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
+    tokens += [CLIP_SPECIAL_TOKENS["bos"], CLIP_SPECIAL_TOKENS["eos"]]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    tokenizer = Tokenizer(models.BPE(vocab, merges, end_of_word_suffix="</w>"))
+    tokenizer.normalizer = normalizers.Sequence(
+        [
+            normalizers.NFC(),
+            normalizers.Replace(Regex(r"\s+"), " "),
+            normalizers.Strip(),
+            normalizers.Lowercase(),
+        ]
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(CLIP_PATTERN), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Replace("</w>", " ")])
+    tokenizer.add_special_tokens(list(CLIP_SPECIAL_TOKENS.values()))
+    return tokenizer
 
 
 def train_tokenizer(texts: Iterable[str], path: str | Path, vocab_size: int = 1000) -> Tokenizer:

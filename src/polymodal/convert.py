@@ -1,0 +1,173 @@
+"""polymodal-convert: open_clip checkpoints into polymodal, and polymodal CLIPs out.
+
+    polymodal-convert from-open-clip ViT-B-32.json open_clip_model.safetensors vitb32.ckpt
+    polymodal-convert to-open-clip logs/train/runs/<time>/checkpoints/last.ckpt exported/
+
+`from-open-clip` reads an open_clip model config (`<name>.json` of open_clip's
+model_configs, or an `open_clip_config.json` holding `model_cfg`) and its weights
+(safetensors, or a torch state dict read weights-only), and writes a checkpoint that
+`polymodal.load`, `polymodal-eval` and `polymodal-embed` open like one of
+`polymodal-train`'s, with open_clip's tokenizer (its BPE merges file, from the installed
+open_clip package unless `--bpe` names one) and its bicubic resizing. `to-open-clip`
+writes `<name>.json` and `open_clip_model.safetensors`, which open_clip loads with
+`open_clip.add_model_config(dir / "<name>.json")` and
+`open_clip.create_model_and_transforms("<name>", pretrained=dir / "open_clip_model.safetensors")`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shlex
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
+
+from polymodal.data.tokenizer import CLIP_SPECIAL_TOKENS, TextTokenizer, clip_bpe_tokenizer
+from polymodal.models.open_clip_format import (
+    check_open_clip_config,
+    from_open_clip,
+    open_clip_config,
+    polymodal_overrides,
+    to_open_clip,
+)
+from polymodal.tasks.pretrain import build_module
+from polymodal.utils import cli, resolvers
+from polymodal.utils.checkpoint import read_checkpoint, read_weights
+from polymodal.utils.errors import ConfigError
+from polymodal.utils.files import atomic_file, atomic_write_text
+
+CLIP_VOCAB = 49408  # open_clip's BPE: 512 byte tokens, 48894 merges, 2 special tokens
+
+
+def open_clip_bpe() -> Path:
+    """The BPE merges file of the installed open_clip package (found, not imported)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or spec.origin is None:
+        raise ConfigError(
+            "--bpe: open_clip is not installed; name its bpe_simple_vocab_16e6.txt.gz"
+        )
+    return Path(spec.origin).parent / "bpe_simple_vocab_16e6.txt.gz"
+
+
+def read_open_clip_config(path: Path) -> dict:
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path}: not an open_clip model config ({err})") from None
+    cfg = cfg.get("model_cfg", cfg) if isinstance(cfg, dict) else cfg
+    if not isinstance(cfg, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= set(cfg):
+        raise ConfigError(
+            f"{path}: not an open_clip model config (embed_dim, vision_cfg, text_cfg)"
+        )
+    check_open_clip_config(cfg, str(path))
+    return cfg
+
+
+def from_open_clip_files(config: Path, weights: Path, out: Path, bpe: Path | None = None) -> str:
+    """Write a polymodal checkpoint of an open_clip model (config + weights files) and its
+    tokenizer (`<out>.tokenizer.json`); returns the `polymodal-train` command that
+    trains from it (the same architecture and tokenizer)."""
+    model_cfg = read_open_clip_config(config)
+    state = read_weights(weights, lambda key: True)
+    state = {k.removeprefix("module."): v for k, v in state.items()}  # open_clip's DDP saves
+    resolvers.register()
+    with initialize_config_dir(config_dir=cli.CONFIG_DIR, version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=["paths.root_dir=.", "paths.output_dir=.", *polymodal_overrides(model_cfg)],
+        )
+    module = build_module(cfg)
+    converted = from_open_clip(state, str(weights))
+    expected = set(module.state_dict())
+    missing, extra = sorted(expected - set(converted)), sorted(set(converted) - expected)
+    if missing or extra:
+        raise ConfigError(
+            f"{weights}: does not match {config} (missing {missing[:3]}, unexpected {extra[:3]})"
+        )
+    try:
+        module.load_state_dict(converted)
+    except RuntimeError as err:  # a shape that differs from the config's
+        raise ConfigError(f"{weights}: does not match {config}: {cli.one_line(str(err))}") from None
+    tokenizer = clip_bpe_tokenizer(bpe or open_clip_bpe())
+    state_of_tokenizer = {
+        "json": tokenizer.to_str(),
+        "context_length": cfg.data.context_length,
+        "special_tokens": CLIP_SPECIAL_TOKENS,
+        "source": f"open_clip BPE ({bpe or 'bpe_simple_vocab_16e6.txt.gz'})",
+    }
+    TextTokenizer.from_state(state_of_tokenizer)  # the roles resolve
+    checkpoint = {
+        "state_dict": module.state_dict(),
+        "polymodal": {
+            "config": OmegaConf.to_container(cfg, resolve=True),
+            "tokenizer": state_of_tokenizer,
+        },
+        "converted_from": {"open_clip_config": str(config), "weights": str(weights)},
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out) as file:
+        torch.save(checkpoint, file)
+    tokenizer_file = out.with_suffix(".tokenizer.json")
+    atomic_write_text(tokenizer_file, tokenizer.to_str())
+    overrides = [f"init_from={out}", f"data.tokenizer={tokenizer_file}"]
+    return shlex.join(["polymodal-train", *overrides, *polymodal_overrides(model_cfg)])
+
+
+def to_open_clip_files(ckpt: Path, out_dir: Path, name: str = "polymodal-clip") -> Path:
+    """Write `<name>.json` and `open_clip_model.safetensors` of a polymodal CLIP."""
+    checkpoint = read_checkpoint(ckpt)
+    stored = checkpoint.get("polymodal")
+    if not isinstance(stored, dict) or "state_dict" not in checkpoint:
+        raise ConfigError(f"{ckpt}: not a polymodal checkpoint (no 'polymodal' entry)")
+    config = stored["config"]
+    tokens = stored["tokenizer"].get("special_tokens") or {}
+    tokenizer = TextTokenizer.from_state(stored["tokenizer"])
+    if tokenizer.vocab_size != CLIP_VOCAB or tokens.get("bos") != CLIP_SPECIAL_TOKENS["bos"]:
+        raise ConfigError(
+            f"{ckpt}: its tokenizer is not open_clip's BPE, so open_clip would feed the text "
+            "tower other ids (train from a model made by `polymodal-convert from-open-clip`)"
+        )
+    model_cfg = open_clip_config(config["model"], config["data"])
+    state = to_open_clip(checkpoint["state_dict"], str(ckpt))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / f"{name}.json", json.dumps(model_cfg, indent=2) + "\n")
+    weights = out_dir / "open_clip_model.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(weights))
+    return weights
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="polymodal-convert", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    load = commands.add_parser(
+        "from-open-clip", help="an open_clip model -> a polymodal checkpoint"
+    )
+    load.add_argument("config", type=Path, help="open_clip model config (.json)")
+    load.add_argument("weights", type=Path, help="its weights (.safetensors, .bin, .pt)")
+    load.add_argument("out", type=Path, help="the polymodal checkpoint to write (.ckpt)")
+    load.add_argument("--bpe", type=Path, help="open_clip's bpe_simple_vocab_16e6.txt.gz")
+    save = commands.add_parser("to-open-clip", help="a polymodal CLIP -> open_clip files")
+    save.add_argument("ckpt", type=Path, help="a polymodal checkpoint")
+    save.add_argument("out_dir", type=Path, help="where <name>.json and the weights go")
+    save.add_argument("--name", default="polymodal-clip", help="the open_clip model name")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "from-open-clip":
+            command = from_open_clip_files(args.config, args.weights, args.out, args.bpe)
+            print(f"wrote {args.out}\ntrain from it:\n{command}")
+        else:
+            print(f"wrote {to_open_clip_files(args.ckpt, args.out_dir, args.name)}")
+    except Exception as err:
+        if cli.report(err):  # one line for a user error (utils/cli.py); a bug keeps its traceback
+            return 1
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
