@@ -19,17 +19,24 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import re
 import shlex
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-from safetensors.torch import save_file
+from safetensors.torch import save
 
-from polymodal.data.tokenizer import CLIP_SPECIAL_TOKENS, TextTokenizer, clip_bpe_tokenizer
-from polymodal.models.open_clip_format import (
+from polymodal.data.tokenizer import (
+    CLIP_SPECIAL_TOKENS,
+    CLIP_VOCAB_SIZE,
+    TextTokenizer,
+    clip_bpe_tokenizer,
+)
+from polymodal.open_clip_format import (
     check_open_clip_config,
+    check_preprocess,
     from_open_clip,
     open_clip_config,
     polymodal_overrides,
@@ -40,8 +47,6 @@ from polymodal.utils import cli, resolvers
 from polymodal.utils.checkpoint import read_checkpoint, read_weights
 from polymodal.utils.errors import ConfigError
 from polymodal.utils.files import atomic_file, atomic_write_text
-
-CLIP_VOCAB = 49408  # open_clip's BPE: 512 byte tokens, 48894 merges, 2 special tokens
 
 
 def open_clip_bpe() -> Path:
@@ -55,11 +60,15 @@ def open_clip_bpe() -> Path:
 
 
 def read_open_clip_config(path: Path) -> dict:
+    """The model config of an open_clip `<name>.json` or `open_clip_config.json` (whose
+    preprocessing must be the one polymodal reproduces), or a one-line ConfigError."""
     try:
         cfg = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ConfigError(f"{path}: not an open_clip model config ({err})") from None
-    cfg = cfg.get("model_cfg", cfg) if isinstance(cfg, dict) else cfg
+    if isinstance(cfg, dict) and "model_cfg" in cfg:
+        check_preprocess(cfg.get("preprocess_cfg") or {}, str(path))
+        cfg = cfg["model_cfg"]
     if not isinstance(cfg, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= set(cfg):
         raise ConfigError(
             f"{path}: not an open_clip model config (embed_dim, vision_cfg, text_cfg)"
@@ -120,6 +129,8 @@ def from_open_clip_files(config: Path, weights: Path, out: Path, bpe: Path | Non
 
 def to_open_clip_files(ckpt: Path, out_dir: Path, name: str = "polymodal-clip") -> Path:
     """Write `<name>.json` and `open_clip_model.safetensors` of a polymodal CLIP."""
+    if not re.fullmatch(r"[\w.-]+", name) or name.startswith("."):
+        raise ConfigError(f"--name {name!r}: a model name (letters, digits, '_', '-', '.')")
     checkpoint = read_checkpoint(ckpt)
     stored = checkpoint.get("polymodal")
     if not isinstance(stored, dict) or "state_dict" not in checkpoint:
@@ -127,7 +138,7 @@ def to_open_clip_files(ckpt: Path, out_dir: Path, name: str = "polymodal-clip") 
     config = stored["config"]
     tokens = stored["tokenizer"].get("special_tokens") or {}
     tokenizer = TextTokenizer.from_state(stored["tokenizer"])
-    if tokenizer.vocab_size != CLIP_VOCAB or tokens.get("bos") != CLIP_SPECIAL_TOKENS["bos"]:
+    if tokenizer.vocab_size != CLIP_VOCAB_SIZE or tokens.get("bos") != CLIP_SPECIAL_TOKENS["bos"]:
         raise ConfigError(
             f"{ckpt}: its tokenizer is not open_clip's BPE, so open_clip would feed the text "
             "tower other ids (train from a model made by `polymodal-convert from-open-clip`)"
@@ -137,7 +148,8 @@ def to_open_clip_files(ckpt: Path, out_dir: Path, name: str = "polymodal-clip") 
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / f"{name}.json", json.dumps(model_cfg, indent=2) + "\n")
     weights = out_dir / "open_clip_model.safetensors"
-    save_file({k: v.contiguous() for k, v in state.items()}, str(weights))
+    with atomic_file(weights) as file:
+        file.write(save({k: v.contiguous() for k, v in state.items()}))
     return weights
 
 

@@ -33,6 +33,7 @@ TEXTS = [
     "café naïve résumé",
     "a photo of a 🐶 dog",
     "tab\tand\nnewline, hello-world foo_bar 3.14",
+    "it’s a “dog” &amp; ﬁne ＣＡＴＳ",  # ftfy's and html's cleaning first, as open_clip
     "word " * 100,  # truncated at 77 tokens, ending with end-of-text
 ]
 
@@ -135,6 +136,22 @@ def test_what_open_clip_cannot_hold_is_refused(tmp_path, shapes_dir):
     (tmp_path / "quick.json").write_text(json.dumps({**config, "quick_gelu": True}))
     with pytest.raises(ConfigError, match="quick.json: quick_gelu=True is not supported"):
         from_open_clip_files(tmp_path / "quick.json", tmp_path / "none.pt", tmp_path / "x.ckpt")
+    resnet = {**config, "vision_cfg": {**config["vision_cfg"], "layers": [3, 4, 6, 3]}}
+    (tmp_path / "rn.json").write_text(json.dumps(resnet))
+    with pytest.raises(
+        ConfigError, match=r"rn.json: vision_cfg.layers=\[3, 4, 6, 3\] is not supported"
+    ):
+        from_open_clip_files(tmp_path / "rn.json", tmp_path / "none.pt", tmp_path / "x.ckpt")
+    hub = {"model_cfg": config, "preprocess_cfg": {"mean": [0.5, 0.5, 0.5]}}
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(hub))
+    with pytest.raises(
+        ConfigError, match=r"preprocess_cfg.mean=\[0.5, 0.5, 0.5\] is not supported"
+    ):
+        from_open_clip_files(
+            tmp_path / "open_clip_config.json", tmp_path / "none.pt", tmp_path / "x.ckpt"
+        )
+    with pytest.raises(ConfigError, match="--name '../up': a model name"):
+        to_open_clip_files(ckpt, tmp_path / "exported", "../up")
     small = {**config, "vision_cfg": {**config["vision_cfg"], "layers": 1}}
     small["text_cfg"] = {**config["text_cfg"], "layers": 1}
     (tmp_path / "small.json").write_text(json.dumps(small))

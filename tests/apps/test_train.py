@@ -273,6 +273,38 @@ def test_micro_batches_train_as_the_whole_batch(tmp_path, shapes_dir, monkeypatc
     assert not differ, f"weights differ after 3 steps: {differ}"
 
 
+def test_ema_weights_are_validated_and_saved(tmp_path, shapes_dir):
+    """callbacks=ema with decay 1: the average keeps the weights of the first step (torch's
+    AveragedModel copies the weights at its first update), so a 3-step run validates,
+    reports and saves exactly the weights of a 1-step run without EMA."""
+    overrides = [
+        "logger=csv",
+        "callbacks=ema",
+        "~callbacks.rich_progress_bar",
+        "callbacks.ema.decay=1.0",
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=3",
+        "+trainer.limit_val_batches=1",
+        "data.batch_size=16",
+        "data.num_workers=0",
+    ]
+    ema = train(compose_train(overrides, tmp_path / "ema", shapes_dir))
+    one_step, _ = train_tiny(tmp_path / "one", shapes_dir, steps=1)
+    assert ema["train/global_step"] == 3
+    saved = torch.load(tmp_path / "ema" / "checkpoints" / "last.ckpt", weights_only=True)
+    expected = torch.load(one_step, weights_only=True)["state_dict"]
+    assert saved["state_dict"].keys() == expected.keys()
+    assert all(torch.equal(v, expected[k]) for k, v in saved["state_dict"].items())
+    # the training weights go on in the checkpoint, for a resumed run
+    three_steps, _ = train_tiny(tmp_path / "three", shapes_dir, steps=3)
+    current = torch.load(three_steps, weights_only=True)["state_dict"]
+    assert all(torch.equal(v, current[k]) for k, v in saved["current_model_state"].items())
+    with open(tmp_path / "one" / "metrics.json") as f:
+        one = json.load(f)
+    assert ema["val/zeroshot/mean_acc"] == one["val/zeroshot/mean_acc"]
+    assert ema["val/loss"] == pytest.approx(one["val/loss"], abs=1e-6)
+
+
 def test_bf16_mixed_fast_run(tmp_path, shapes_dir):
     cfg = compose_train(["debug=fdr", "trainer.precision=bf16-mixed"], tmp_path, shapes_dir)
     metrics = train(cfg)

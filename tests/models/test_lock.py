@@ -21,7 +21,7 @@ def trainable_names(model: nn.Module, prefix: str) -> set[str]:
 
 def test_lock_keeps_the_last_groups_trainable():
     model = tiny_model(depth=2, parts=("logit_scale",))
-    model.lock("image", freeze_norm_stats=True)
+    model.lock("image", freeze_bn_stats=True)
     assert not trainable_names(model, "encoders.image") and not trainable_names(
         model, "projections.image"
     )
@@ -51,7 +51,7 @@ def test_locked_image_tower_does_not_train(tmp_path, shapes_dir):
     holds state for the trainable parameters only."""
     overrides = [
         "model.towers.image.lock=true",
-        "model.towers.image.freeze_norm_stats=true",
+        "model.towers.image.freeze_bn_stats=true",
         "model.towers.text.lock=true",
         "model.towers.text.unlocked_groups=2",  # the last block and the projection
     ]

@@ -69,6 +69,11 @@ def test_bad_weights_files_are_refused_in_one_line(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(ConfigError, match="junk.safetensors: not a safetensors file"):
         init_weights(model, tmp_path / "junk.safetensors")
+    torch.save({"state_dict": [1, 2]}, tmp_path / "state.pt")
+    with pytest.raises(
+        ConfigError, match=r"state.pt: not a state dict \(its state_dict is a list\)"
+    ):
+        init_weights(model, tmp_path / "state.pt")
     torch.save({"weights": [1, 2]}, tmp_path / "list.pt")
     with pytest.raises(
         ConfigError, match=r"list.pt: not a state dict \(its 'weights' is no tensor\)"
@@ -87,7 +92,7 @@ def test_lit_from_a_pretrained_image_tower(tmp_path, shapes_dir):
         f"init_from={first}",
         "init_keys.include=[model.encoders.image.*,model.projections.image.*]",
         "model.towers.image.lock=true",
-        "model.towers.image.freeze_norm_stats=true",
+        "model.towers.image.freeze_bn_stats=true",
     )
     source = torch.load(first, map_location="cpu", weights_only=True)["state_dict"]
     result = torch.load(second, map_location="cpu", weights_only=True)["state_dict"]

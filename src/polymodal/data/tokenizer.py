@@ -8,9 +8,11 @@ of the file: set by `data.special_tokens`, else detected by the conventions in
 from __future__ import annotations
 
 import gzip
+import html
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+import ftfy
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
@@ -45,13 +47,20 @@ CLIP_PATTERN = (
     r"""<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 )
 CLIP_SPECIAL_TOKENS = {"bos": "<start_of_text>", "eos": "<end_of_text>"}
+CLIP_VOCAB_SIZE = 512 + CLIP_MERGES + 2  # byte tokens (with and without </w>), merges, specials
+
+
+def clip_clean(text: str) -> str:
+    """open_clip's text cleaning before its BPE (mojibake and HTML entities fixed), which a
+    tokenizer.json cannot express: TextTokenizer applies it for a CLIP BPE tokenizer."""
+    return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
 
 
 def clip_bpe_tokenizer(bpe_path: str | Path) -> Tokenizer:
     """open_clip's tokenizer (`open_clip.tokenize`, OpenAI CLIP's BPE) as a HF tokenizers
     Tokenizer, built from its merges file (`bpe_simple_vocab_16e6.txt.gz`, shipped in
-    the open_clip package): the same ids for text that ftfy leaves unchanged (whitespace
-    collapsed, lowercased, byte-level BPE with the `</w>` word suffix)."""
+    the open_clip package): whitespace collapsed, lowercased, byte-level BPE with the
+    `</w>` word suffix; with `clip_clean` first (TextTokenizer does it), open_clip's ids."""
     try:
         with gzip.open(bpe_path, "rt", encoding="utf-8") as file:
             lines = file.read().split("\n")[1 : CLIP_MERGES + 1]
@@ -147,6 +156,10 @@ class TextTokenizer:
         tokenizer.no_padding()
         tokenizer.no_truncation()
         self._tokenizer, self._source = tokenizer, source
+        # open_clip's BPE (its start token) comes with open_clip's cleaning
+        self._clean = (
+            clip_clean if tokenizer.token_to_id(CLIP_SPECIAL_TOKENS["bos"]) is not None else None
+        )
         unknown = sorted(set(special_tokens) - set(ROLE_TOKENS))
         if unknown:
             raise ConfigError(
@@ -249,7 +262,8 @@ class TextTokenizer:
         max_tokens = self._context_length - 2
         ids = torch.full((len(texts), self._context_length), self.pad_id, dtype=torch.long)
         lengths = torch.empty(len(texts), dtype=torch.long)
-        encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        texts = [self._clean(t) for t in texts] if self._clean else list(texts)
+        encodings = self._tokenizer.encode_batch(texts, add_special_tokens=False)
         for row, encoding in enumerate(encodings):
             tokens = [self.bos_id, *encoding.ids[:max_tokens], self.eos_id]
             ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
@@ -259,7 +273,8 @@ class TextTokenizer:
 
     def prompt_ids(self, text: str) -> list[int]:
         """BOS and the tokens of `text`, no EOS: a prefix for the decoder to continue."""
-        return [self.bos_id, *self._tokenizer.encode(text.strip(), add_special_tokens=False).ids]
+        text = self._clean(text) if self._clean else text.strip()
+        return [self.bos_id, *self._tokenizer.encode(text, add_special_tokens=False).ids]
 
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special: bool = True) -> str:
         """Decode one sequence; the byte-level prefix space is stripped."""

@@ -18,7 +18,6 @@ config alone. Objectives only turn the outputs of these parts into losses.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
@@ -52,9 +51,8 @@ PARTS = {
 }
 SHARED_ENCODER = "trunk"  # the encoders' key of the one trunk of multiway/shared
 # LiT settings of `model.towers.<modality>` (read by the model, not passed to the tower)
-LOCK_KEYS = ("lock", "unlocked_groups", "freeze_norm_stats")
-
-log = logging.getLogger(__name__)
+LOCK_KEYS = ("lock", "unlocked_groups", "freeze_bn_stats")
+BATCH_NORM = nn.modules.batchnorm._BatchNorm  # every BatchNorm class (1d, 2d, sync, ...)
 
 
 def with_dependencies(parts: Sequence[str]) -> list[str]:
@@ -118,7 +116,7 @@ def batch_norm_statistics_kept(module: nn.Module) -> Iterator[None]:
     saved = [
         (buffer, buffer.clone())
         for m in module.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        if isinstance(m, BATCH_NORM)
         for buffer in m.buffers()
     ]
     try:
@@ -217,19 +215,9 @@ class PolymodalModel(nn.Module):
                 self.lock(
                     modality,
                     settings.get("unlocked_groups", 0),
-                    settings.get("freeze_norm_stats", False),
+                    settings.get("freeze_bn_stats", False),
                 )
         self.micro_batch_size = micro_batch_size
-        if micro_batch_size and any(
-            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.modules()
-        ):
-            log.warning(
-                "model.micro_batch_size=%d: BatchNorm layers (e.g. the image conv stem) "
-                "normalise each micro-batch by its own statistics, so the gradients are "
-                "close to, not equal to, those of the whole batch "
-                "(model.stems.image.conv_stem=false has none)",
-                micro_batch_size,
-            )
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         """Recompute every Transformer block's activations in backward (timm's convention:
@@ -241,13 +229,11 @@ class PolymodalModel(nn.Module):
             elif hasattr(module, "grad_checkpointing") and module is not self:
                 module.grad_checkpointing = enabled
 
-    def lock(
-        self, modality: str, unlocked_groups: int = 0, freeze_norm_stats: bool = False
-    ) -> None:
+    def lock(self, modality: str, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
         """LiT (open_clip's lock_image / lock_text): the modality's tower and projection
         stop training, but for their last `unlocked_groups` layer groups (timm's groups,
         then the projection as the last one). Locked parameters get no gradient and no
-        optimizer state. With `freeze_norm_stats` the BatchNorm layers of locked groups
+        optimizer state. With `freeze_bn_stats` the BatchNorm layers of locked groups
         keep their running statistics (timm's FrozenBatchNorm2d)."""
         key = f"model.towers.{modality}"
         if self.sharing != "separate":
@@ -274,11 +260,11 @@ class PolymodalModel(nn.Module):
         for name, param in self.named_parameters():
             if name in locked:
                 param.requires_grad_(False)
-        if not freeze_norm_stats:
+        if not freeze_bn_stats:
             return
         for name, module in list(self.named_modules()):
             params = [f"{name}.{n}" for n, _ in module.named_parameters()]
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and set(params) <= locked:
+            if isinstance(module, BATCH_NORM) and set(params) <= locked:
                 parent, _, child = name.rpartition(".")
                 setattr(self.get_submodule(parent), child, freeze_batch_norm_2d(module))
 

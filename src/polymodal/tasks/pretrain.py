@@ -30,7 +30,7 @@ from polymodal.data.shardtools import values_reader
 from polymodal.evaluation.media import log_media_to_wandb
 from polymodal.evaluation.validation import ValidationReport, write_evaluation_media
 from polymodal.evaluation.zeroshot import zeroshot_tasks
-from polymodal.models.model import PolymodalModel
+from polymodal.models.model import BATCH_NORM, PolymodalModel
 from polymodal.objectives.base import EncodingCache, NoPairedModality, Objective
 from polymodal.objectives.lm import LMObjective
 from polymodal.tasks.optim import param_groups, warmup_cosine
@@ -202,6 +202,17 @@ class PretrainModule(L.LightningModule):
         # the resolved run config; the app sets it, and checkpoints carry it (polymodal.load)
         self.run_config: dict | None = None
         self.skipped_samples: Counter[str] = Counter()  # reason -> samples, this rank
+
+    def on_fit_start(self) -> None:
+        size = self.model.micro_batch_size
+        if size and any(isinstance(m, BATCH_NORM) for m in self.model.modules()):
+            log.warning(
+                "model.micro_batch_size=%d: BatchNorm layers (e.g. the image conv stem) "
+                "normalise each micro-batch by its own statistics, so the gradients are "
+                "close to, not equal to, those of the whole batch "
+                "(model.stems.image.conv_stem=false has none)",
+                size,
+            )
 
     def setup(self, stage: str) -> None:
         """Take the tokenizer and the zero-shot spec from the datamodule (they describe data);

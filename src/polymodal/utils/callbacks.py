@@ -12,6 +12,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import wandb
+from lightning.pytorch.callbacks import EMAWeightAveraging as LightningEMA
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
 log = logging.getLogger(__name__)
@@ -163,3 +164,26 @@ class Preemption(L.Callback):
         wandb.finish()
         if callable(self._previous):
             self._previous(self.signum, None)  # submitit: requeue (rank 0) and exit
+
+
+class EMAWeightAveraging(LightningEMA):
+    """Lightning's EMA of the weights, whose checkpoints keep the training weights.
+
+    Lightning copies the average into the model when training ends, so a checkpoint saved
+    after that (last.ckpt at the end of fit: checkpoint callbacks run last) would record the
+    average as the training weights, and a run resumed from it (auto_resume with a larger
+    trainer.max_steps) would go on from the average with the optimizer state of the other.
+    """
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._trained: dict[str, torch.Tensor] | None = None
+        super().on_train_start(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._trained = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        super().on_train_end(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if getattr(self, "_trained", None) is not None and "current_model_state" in checkpoint:
+            checkpoint["current_model_state"] = self._trained

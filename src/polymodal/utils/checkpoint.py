@@ -137,6 +137,8 @@ def read_weights(path: str | Path, wanted: Callable[[str], bool]) -> dict[str, t
             raise ConfigError(f"{path}: not a safetensors file ({_one_line(str(err))})") from None
     checkpoint = read_checkpoint(path)
     state = checkpoint.get("state_dict", checkpoint)
+    if not isinstance(state, dict):
+        raise ConfigError(f"{path}: not a state dict (its state_dict is a {type(state).__name__})")
     bad = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
     if bad is not None:
         raise ConfigError(f"{path}: not a state dict (its {bad!r} is no tensor)")

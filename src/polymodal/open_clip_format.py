@@ -14,12 +14,15 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
+from polymodal.data.tokenizer import CLIP_VOCAB_SIZE
+from polymodal.data.transforms import CLIP_MEAN, CLIP_STD
 from polymodal.utils.errors import ConfigError
 
 IMAGE = "model.encoders.image.model."
 TEXT = "model.encoders.text."
 # timm's CLIP flavour of ViT; embed_dim, depth, num_heads, patch and image size are set
 TIMM_CLIP_VIT = "vit_base_patch16_clip_224"
+HEAD_WIDTH = 64  # open_clip's ViT: width // 64 heads
 # (open_clip prefix, polymodal prefix, the tower whose residual blocks follow or None)
 PREFIXES = [
     ("visual.conv1.", IMAGE + "patch_embed.proj.", None),
@@ -70,7 +73,7 @@ RESHAPED = {
 SUPPORTED = {
     "model": {"quick_gelu": False, "cast_dtype": None, "custom_text": False},
     "vision": {
-        "head_width": 64,
+        "head_width": HEAD_WIDTH,
         "ls_init_value": None,
         "attentional_pool": False,
         "no_ln_pre": False,
@@ -116,6 +119,11 @@ def check_open_clip_config(cfg: Mapping, source: str) -> None:
     for part, (values, prefix) in parts.items():
         for key, value in values.items():
             if key in SIZES[part]:
+                if not isinstance(value, int | float) or isinstance(value, bool):
+                    raise ConfigError(
+                        f"{source}: {prefix}{key}={value!r} is not supported: polymodal reads "
+                        "open_clip's ViT CLIP (a number here), not a ResNet tower"
+                    )
                 continue
             if key not in SUPPORTED[part] or value != SUPPORTED[part][key]:
                 allowed = f" (only {SUPPORTED[part][key]!r})" if key in SUPPORTED[part] else ""
@@ -125,20 +133,39 @@ def check_open_clip_config(cfg: Mapping, source: str) -> None:
                 )
 
 
+def check_preprocess(cfg: Mapping, source: str) -> None:
+    """Refuse an open_clip `preprocess_cfg` other than the one polymodal's eval transform
+    reproduces (CLIP's mean and std, bicubic resize of the shortest side, centre crop)."""
+    wanted = {
+        "mean": list(CLIP_MEAN),
+        "std": list(CLIP_STD),
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+    }
+    for key, value in cfg.items():
+        if (
+            key in wanted
+            and (list(value) if isinstance(value, list | tuple) else value) != wanted[key]
+        ):
+            raise ConfigError(
+                f"{source}: preprocess_cfg.{key}={value!r} is not supported (only {wanted[key]!r})"
+            )
+
+
 def polymodal_overrides(cfg: Mapping) -> list[str]:
     """Hydra overrides of `polymodal-train`'s config that build the polymodal model of
     an open_clip model config (sizes as open_clip's defaults fill them in)."""
     vision, text = cfg["vision_cfg"], cfg["text_cfg"]
-    width, image_size = vision["width"], vision.get("image_size", 224)
+    width, image_size = vision["width"], vision.get("image_size", 224)  # open_clip's defaults
     return [
         f"model.embed_dim={cfg['embed_dim']}",
-        f"model.vocab_size={text.get('vocab_size', 49408)}",
+        f"model.vocab_size={text.get('vocab_size', CLIP_VOCAB_SIZE)}",
         "model.stems.image.conv_stem=false",
         f"model.stems.image.patch_size={vision['patch_size']}",
         f"model.towers.image.timm={TIMM_CLIP_VIT}",
         f"model.towers.image.embed_dim={width}",
         f"model.towers.image.depth={vision['layers']}",
-        f"model.towers.image.num_heads={width // vision.get('head_width', 64)}",
+        f"model.towers.image.num_heads={width // HEAD_WIDTH}",
         f"+model.towers.image.mlp_ratio={vision.get('mlp_ratio', 4.0)}",
         f"model.towers.text.width={text.get('width', 512)}",
         f"model.towers.text.depth={text.get('layers', 12)}",
@@ -167,9 +194,9 @@ def open_clip_config(model: Mapping, data: Mapping) -> dict:
     for key, (value, wanted) in checks.items():
         if value != wanted:
             raise ConfigError(f"{key}={value!r}: open_clip's CLIP needs {wanted!r}")
-    if image["embed_dim"] % image["num_heads"] or image["embed_dim"] // image["num_heads"] != 64:
+    if image["embed_dim"] != HEAD_WIDTH * image["num_heads"]:
         raise ConfigError(
-            "model.towers.image: open_clip's ViT has heads of width 64 "
+            f"model.towers.image: open_clip's ViT has heads of width {HEAD_WIDTH} "
             f"(embed_dim {image['embed_dim']}, num_heads {image['num_heads']})"
         )
     return {
