@@ -41,6 +41,23 @@ def test_timm_file_gives_the_image_tower_timms_features(tmp_path):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in text.items())
 
 
+def test_timm_file_of_another_image_size_is_resampled_as_timm_does(tmp_path):
+    """A ViT saved at 64 px (8 x 8 patches) into the 32 px tower (4 x 4): the position
+    embeddings go through timm's own filter, so they are timm's resampling of the file's."""
+    from timm.layers import resample_abs_pos_embed
+
+    torch.manual_seed(0)
+    vit = timm_vit(img_size=64)
+    save_file(vit.state_dict(), tmp_path / "vit64.safetensors")
+    model = tiny_model(conv_stem=False)
+    init_weights(model, tmp_path / "vit64.safetensors", prefix=IMAGE)
+    expected = resample_abs_pos_embed(vit.pos_embed.detach(), new_size=(4, 4), num_prefix_tokens=1)
+    torch.testing.assert_close(model.encoders["image"].model.pos_embed.detach(), expected)
+    torch.testing.assert_close(
+        model.encoders["image"].model.blocks[0].attn.qkv.weight, vit.blocks[0].attn.qkv.weight
+    )
+
+
 class Payload:
     def __init__(self, marker) -> None:
         self.marker = marker

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import pickle
 import re
+import sys
 import zipfile
 from collections.abc import Callable, Sequence
 from fnmatch import fnmatchcase
@@ -145,6 +146,18 @@ def read_weights(path: str | Path, wanted: Callable[[str], bool]) -> dict[str, t
     return {k: v for k, v in state.items() if wanted(k)}
 
 
+def timm_filter(module: nn.Module, prefix: str) -> Callable[[dict], dict] | None:
+    """The `checkpoint_filter_fn` of the timm model at `prefix` in `module`, bound to it."""
+    try:
+        target = module.get_submodule(prefix.removesuffix("."))
+    except AttributeError:  # the prefix names no module; the key matching reports it
+        return None
+    if not type(target).__module__.startswith("timm."):
+        return None
+    fn = getattr(sys.modules[type(target).__module__], "checkpoint_filter_fn", None)
+    return None if fn is None else lambda state: fn(state, target)
+
+
 def init_weights(
     module: nn.Module,
     path: str | Path,
@@ -156,7 +169,10 @@ def init_weights(
     resume: nothing else of the file is used). A file key becomes `prefix + key` (a timm
     ViT file into `model.encoders.image.model.`); keys matching an `include` pattern and
     no `exclude` pattern (fnmatch) are loaded. A shape that differs is a ConfigError
-    naming the key, and so is a file of which nothing matches. Returns the keys
+    naming the key, and so is a file of which nothing matches. When `prefix` names a timm
+    model, the file goes through that model's own `checkpoint_filter_fn` first, as timm's
+    pretrained loading does: position embeddings resampled to the model's image size and
+    patch grid, other checkpoint layouts (e.g. OpenAI CLIP's) converted. Returns the keys
     `loaded`, the file's `unused` ones (the module lacks them: a classifier head) and the
     selected module keys `not_in_file`."""
 
@@ -165,7 +181,11 @@ def init_weights(
             fnmatchcase(key, p) for p in exclude
         )
 
-    tensors = {prefix + k: v for k, v in read_weights(path, lambda k: selected(prefix + k)).items()}
+    tensors = read_weights(path, lambda k: selected(prefix + k))
+    adapt = timm_filter(module, prefix)
+    if adapt is not None:
+        tensors = adapt(tensors)
+    tensors = {prefix + k: v for k, v in tensors.items()}
     state = module.state_dict()
     for key, value in tensors.items():
         if key in state and value.shape != state[key].shape:
