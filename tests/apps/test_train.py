@@ -273,6 +273,29 @@ def test_micro_batches_train_as_the_whole_batch(tmp_path, shapes_dir, monkeypatc
     assert not differ, f"weights differ after 3 steps: {differ}"
 
 
+@pytest.mark.slow  # ~2-3 min: inductor compiles every block, forward and backward
+def test_compiled_model_trains_as_eager(tmp_path, shapes_dir):
+    """model.compile=true: the same loss as eager at each of 5 steps (rtol 1e-4), and a
+    checkpoint with the eager model's keys."""
+    losses, keys = {}, {}
+    for compiled in ("false", "true"):
+        ckpt, _ = train_tiny(
+            tmp_path / compiled,
+            shapes_dir,
+            f"model.compile={compiled}",
+            "trainer.log_every_n_steps=1",
+            steps=5,
+        )
+        with open(tmp_path / compiled / "csv" / "metrics.csv") as f:
+            losses[compiled] = [
+                float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")
+            ]
+        keys[compiled] = set(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"])
+    assert len(losses["false"]) == 5
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
+    assert keys["true"] == keys["false"]
+
+
 def test_ema_weights_are_validated_and_saved(tmp_path, shapes_dir):
     """callbacks=ema with decay 1: the average keeps the weights of the first step (torch's
     AveragedModel copies the weights at its first update), so a 3-step run validates,

@@ -27,13 +27,15 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import get_class
 from timm.layers import freeze_batch_norm_2d
+from timm.models.vision_transformer import Block as TimmBlock
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from polymodal.models.decoder import CaptionDecoder
+from polymodal.models.decoder import CaptionDecoder, DecoderBlock
 from polymodal.models.fusion import FusionEncoder
 from polymodal.models.generation import generate
 from polymodal.models.heads import MAEDecoder, MLMHead
+from polymodal.models.transformer import Block
 from polymodal.models.trunk import Stem, Trunk
 from polymodal.utils.errors import ConfigError
 from polymodal.utils.instantiate import plain_dict
@@ -52,6 +54,8 @@ PARTS = {
 SHARED_ENCODER = "trunk"  # the encoders' key of the one trunk of multiway/shared
 # LiT settings of `model.towers.<modality>` (read by the model, not passed to the tower)
 LOCK_KEYS = ("lock", "unlocked_groups", "freeze_bn_stats")
+# the Transformer blocks: FSDP's units, and what model.compile compiles one by one
+BLOCK_CLASSES = (Block, DecoderBlock, TimmBlock)
 BATCH_NORM = nn.modules.batchnorm._BatchNorm  # every BatchNorm class (1d, 2d, sync, ...)
 
 
@@ -150,6 +154,7 @@ class PolymodalModel(nn.Module):
         mim_decoder: Mapping | None = None,
         grad_checkpointing: bool = False,
         micro_batch_size: int | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if vocab_size is None:
@@ -218,6 +223,10 @@ class PolymodalModel(nn.Module):
                     settings.get("freeze_bn_stats", False),
                 )
         self.micro_batch_size = micro_batch_size
+        if compile:
+            for module in self.modules():
+                if isinstance(module, BLOCK_CLASSES):
+                    module.compile()  # in place: the state dict keeps its keys
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         """Recompute every Transformer block's activations in backward (timm's convention:

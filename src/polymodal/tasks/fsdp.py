@@ -7,17 +7,15 @@ classes (utils imports no other polymodal package). `conf/trainer/fsdp.yaml` tar
 from __future__ import annotations
 
 from lightning.pytorch.strategies import FSDPStrategy as LightningFSDPStrategy
-from timm.models.vision_transformer import Block as TimmBlock
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 
-from polymodal.models.decoder import DecoderBlock
-from polymodal.models.transformer import Block
+from polymodal.models.model import BLOCK_CLASSES
 
 
 def transformer_block_classes() -> set[type[nn.Module]]:
     """The block classes FSDP wraps one by one: ours and timm's ViT block."""
-    return {Block, DecoderBlock, TimmBlock}
+    return set(BLOCK_CLASSES)
 
 
 class FSDPStrategy(LightningFSDPStrategy):
