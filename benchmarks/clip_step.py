@@ -2,9 +2,13 @@
 
     python benchmarks/clip_step.py                       # the default model, CPU
     python benchmarks/clip_step.py --model tiny --batch-sizes 64 128 256 --device cuda
+    python benchmarks/clip_step.py --model base --device cuda --peak-tflops 989 data.image_size=224
 
 Synthetic tensors (no data loading): this measures the model + optimizer step only.
-Prints a markdown table with the machine it ran on.
+Prints a markdown table with the machine it ran on: samples/s, achieved TFLOP/s (the
+step's FLOPs counted once by torch's FLOP counter), MFU against `--peak-tflops` (the
+device's dense peak for the precision; e.g. 989 for an H100/H200 in bf16) and, on CUDA,
+peak memory.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from torch.utils.flop_counter import FlopCounterMode
 
 from polymodal.objectives.itc import clip_loss
 from polymodal.utils.cli import CONFIG_DIR
@@ -31,7 +36,8 @@ def build_model(model: str, overrides: list[str]) -> tuple[torch.nn.Module, Dict
     return instantiate(cfg.model), cfg
 
 
-def measure(model, cfg, batch: int, precision: str, device: str, steps: int) -> float:
+def measure(model, cfg, batch: int, precision: str, device: str, steps: int) -> tuple[float, float]:
+    """(samples/s, training FLOPs per sample)."""
     size, length = cfg.data.image_size, cfg.data.context_length
     images = torch.randn(batch, 3, size, size, device=device)
     ids = torch.randint(5, cfg.model.vocab_size, (batch, length), device=device)
@@ -48,7 +54,10 @@ def measure(model, cfg, batch: int, precision: str, device: str, steps: int) -> 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(3):
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops() / batch
+    for _ in range(2):
         step()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -57,7 +66,7 @@ def measure(model, cfg, batch: int, precision: str, device: str, steps: int) -> 
         step()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return batch * steps / (time.perf_counter() - start)
+    return batch * steps / (time.perf_counter() - start), flops
 
 
 def main() -> None:
@@ -67,6 +76,7 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["32", "bf16-mixed"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--peak-tflops", type=float, help="the device's dense peak, for MFU")
     parser.add_argument(
         "overrides", nargs="*", help="Hydra overrides, e.g. model.towers.image.depth=6"
     )
@@ -80,12 +90,18 @@ def main() -> None:
         f"machine: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"device {args.device}; model {args.model} ({params:.2f}M params)"
     )
-    print("| batch | precision | samples/s |")
-    print("|---:|---|---:|")
+    print("| batch | precision | samples/s | TFLOP/s | MFU | peak memory (GiB) |")
+    print("|---:|---|---:|---:|---:|---:|")
+    cuda = args.device.startswith("cuda")
     for batch in args.batch_sizes:
         for precision in args.precisions:
-            rate = measure(model, cfg, batch, precision, args.device, args.steps)
-            print(f"| {batch} | {precision} | {rate:.0f} |")
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            rate, flops = measure(model, cfg, batch, precision, args.device, args.steps)
+            tflops = rate * flops / 1e12
+            mfu = f"{tflops / args.peak_tflops:.1%}" if args.peak_tflops else "-"
+            memory = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}" if cuda else "-"
+            print(f"| {batch} | {precision} | {rate:.0f} | {tflops:.3g} | {mfu} | {memory} |")
 
 
 if __name__ == "__main__":
