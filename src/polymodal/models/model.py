@@ -273,7 +273,7 @@ class PolymodalModel(nn.Module):
             return
         for name, module in list(self.named_modules()):
             params = [f"{name}.{n}" for n, _ in module.named_parameters()]
-            if isinstance(module, BATCH_NORM) and set(params) <= locked:
+            if isinstance(module, BATCH_NORM) and params and set(params) <= locked:
                 parent, _, child = name.rpartition(".")
                 setattr(self.get_submodule(parent), child, freeze_batch_norm_2d(module))
 

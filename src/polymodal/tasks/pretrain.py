@@ -204,6 +204,7 @@ class PretrainModule(L.LightningModule):
         self.skipped_samples: Counter[str] = Counter()  # reason -> samples, this rank
 
     def on_fit_start(self) -> None:
+        """Say when micro-batches meet BatchNorm (only training is affected)."""
         size = self.model.micro_batch_size
         if size and any(isinstance(m, BATCH_NORM) for m in self.model.modules()):
             log.warning(
