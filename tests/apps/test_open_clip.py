@@ -20,9 +20,10 @@ from safetensors.torch import save_file
 import polymodal
 from polymodal.convert import from_open_clip_files, to_open_clip_files
 from polymodal.data.tokenizer import CLIP_SPECIAL_TOKENS, TextTokenizer, clip_bpe_tokenizer
+from polymodal.open_clip_format import open_clip_config
 from polymodal.utils.errors import ConfigError
 from tests.apps.test_api import run_eval_app
-from tests.helpers import train_tiny
+from tests.helpers import compose_train, train_tiny
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -206,3 +207,20 @@ def test_import_fine_tune_export(tmp_path, shapes_dir):
     model = polymodal.load(trained)
     torch.testing.assert_close(model.encode_image(images()), image, atol=1e-4, rtol=0)
     torch.testing.assert_close(model.encode_text(TEXTS), text, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(("preset", "name"), [("base", "ViT-B-16"), ("small", "ViT-S-16")])
+def test_size_presets_are_open_clips_architectures(tmp_path, preset, name):
+    """model=base / small at 224 px with open_clip's tokenizer sizes export to exactly
+    open_clip's ViT-B-16 / ViT-S-16 model configs (the same shapes, block for block)."""
+    overrides = [f"model={preset}", "data.image_size=224", "data.context_length=77"]
+    cfg = compose_train([*overrides, "model.vocab_size=49408"], tmp_path, tmp_path)
+    exported = open_clip_config(cfg.model, cfg.data)
+    reference = open_clip.get_model_config(name)
+    assert {k: v for k, v in exported["vision_cfg"].items() if k != "mlp_ratio"} == reference[
+        "vision_cfg"
+    ]
+    assert {k: v for k, v in exported["text_cfg"].items() if k != "mlp_ratio"} == reference[
+        "text_cfg"
+    ]
+    assert exported["embed_dim"] == reference["embed_dim"]
