@@ -296,6 +296,7 @@ def test_compiled_model_trains_as_eager(tmp_path, shapes_dir):
     assert keys["true"] == keys["false"]
 
 
+@pytest.mark.slow  # ~1.5 min: three short training runs
 def test_ema_weights_are_validated_and_saved(tmp_path, shapes_dir):
     """callbacks=ema with decay 1: the average keeps the weights of the first step (torch's
     AveragedModel copies the weights at its first update), so a 3-step run validates,
