@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+from collections.abc import Callable
 
 import torch
 from hydra import compose, initialize_config_dir
@@ -36,14 +37,17 @@ def build_model(model: str, overrides: list[str]) -> tuple[torch.nn.Module, Dict
     return instantiate(cfg.model), cfg
 
 
-def measure(model, cfg, batch: int, precision: str, device: str, steps: int) -> tuple[float, float]:
-    """(samples/s, training FLOPs per sample)."""
+PRECISIONS = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def make_step(model, cfg, batch: int, device: str, precision: str = "32") -> Callable[[], None]:
+    """One AdamW step of the CLIP loss on a synthetic batch of `batch` samples."""
     size, length = cfg.data.image_size, cfg.data.context_length
     images = torch.randn(batch, 3, size, size, device=device)
     ids = torch.randint(5, cfg.model.vocab_size, (batch, length), device=device)
     mask = torch.ones(batch, length, dtype=torch.bool, device=device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    dtype = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}[precision]
+    dtype = PRECISIONS[precision]
     scale = torch.tensor(14.0, device=device)
     device_type = device.split(":")[0]
 
@@ -54,11 +58,10 @@ def measure(model, cfg, batch: int, precision: str, device: str, steps: int) -> 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    with FlopCounterMode(display=False) as counter:
-        step()
-    flops = counter.get_total_flops() / batch
-    for _ in range(2):
-        step()
+    return step
+
+
+def samples_per_second(step: Callable[[], None], batch: int, device: str, steps: int) -> float:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -66,7 +69,18 @@ def measure(model, cfg, batch: int, precision: str, device: str, steps: int) -> 
         step()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return batch * steps / (time.perf_counter() - start), flops
+    return batch * steps / (time.perf_counter() - start)
+
+
+def measure(model, cfg, batch: int, precision: str, device: str, steps: int) -> tuple[float, float]:
+    """(samples/s, training FLOPs per sample)."""
+    step = make_step(model, cfg, batch, device, precision)
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops() / batch
+    for _ in range(2):
+        step()
+    return samples_per_second(step, batch, device, steps), flops
 
 
 def main() -> None:

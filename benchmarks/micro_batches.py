@@ -5,69 +5,31 @@
 
 Each row runs in its own process (so a row's peak memory is its own): synthetic tensors,
 AdamW, the CLIP loss over the whole batch. Peak memory is the step's growth of the
-process's peak RSS on CPU, or torch's peak allocation on CUDA; 0 encodes the batch at once.
+process's peak RSS on CPU, or of torch's peak allocation on CUDA (`isolated.PeakMemory`);
+0 encodes the batch at once. The model and step are `clip_step.py`'s.
 Prints a markdown table with the machine it ran on.
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import platform
-import resource
-import time
 
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
-
-from polymodal.objectives.itc import clip_loss
-from polymodal.utils.cli import CONFIG_DIR
+from clip_step import build_model, make_step, samples_per_second
+from isolated import PeakMemory, in_fresh_process
 
 
-def peak_mib(device: str) -> float:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def row(args: argparse.Namespace, micro: int, out: mp.Queue) -> None:
+def row(args: argparse.Namespace, micro: int) -> tuple[float, float]:
+    """(step peak memory growth in MiB, samples/s) with `model.micro_batch_size=micro`."""
     torch.manual_seed(0)
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[
-                f"model={args.model}",
-                "paths.root_dir=.",
-                "paths.output_dir=.",
-                *args.overrides,
-            ],
-        )
-    model = instantiate(cfg.model, micro_batch_size=micro or None).to(args.device).train()
-    size, length = cfg.data.image_size, cfg.data.context_length
-    images = torch.randn(args.batch, 3, size, size, device=args.device)
-    ids = torch.randint(5, cfg.model.vocab_size, (args.batch, length), device=args.device)
-    mask = torch.ones(args.batch, length, dtype=torch.bool, device=args.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    scale = torch.tensor(14.0, device=args.device)
-
-    def step() -> None:
-        loss = clip_loss(model.embed("image", images), model.embed("text", ids, mask), scale)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    baseline = peak_mib(args.device)
-    step()
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-    rate = args.batch * args.steps / (time.perf_counter() - start)
-    out.put((peak_mib(args.device) - baseline, rate))
+    size = f"model.micro_batch_size={micro or 'null'}"
+    model, cfg = build_model(args.model, [*args.overrides, size])
+    model.to(args.device).train()
+    step = make_step(model, cfg, args.batch, args.device)
+    with PeakMemory(args.device) as memory:
+        step()  # the first step also allocates AdamW's state
+    return memory.mib, samples_per_second(step, args.batch, args.device, args.steps)
 
 
 def main() -> None:
@@ -89,13 +51,8 @@ def main() -> None:
     )
     print("| micro_batch_size | chunks | step peak memory (MiB) | samples/s |")
     print("|---:|---:|---:|---:|")
-    context = mp.get_context("spawn")
     for micro in args.micro_batch_sizes:
-        out = context.Queue()
-        process = context.Process(target=row, args=(args, micro, out))
-        process.start()
-        memory, rate = out.get()
-        process.join()
+        memory, rate = in_fresh_process(row, args, micro)
         chunks = -(-args.batch // micro) if micro else 1
         print(f"| {micro or 'null'} | {chunks} | {memory:.0f} | {rate:.1f} |")
 

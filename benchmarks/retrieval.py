@@ -12,34 +12,28 @@ Prints a markdown table with the machine it ran on.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import platform
-import resource
 import time
 
 import torch
 import torch.nn.functional as F
+from isolated import PeakMemory, in_fresh_process
 
 from polymodal.evaluation.retrieval import retrieval_metrics
 
 
-def run(images: int, captions: int, dim: int, chunk: int, device: str, queue) -> None:
+def run(images: int, captions: int, dim: int, chunk: int, device: str) -> tuple[float, float]:
+    """(seconds, peak extra memory in MiB) of one chunk size."""
     generator = torch.Generator().manual_seed(0)
     image = F.normalize(torch.randn(images, dim, generator=generator), dim=-1).to(device)
     text = F.normalize(torch.randn(images * captions, dim, generator=generator), dim=-1)
     text = text.to(device)
     text_to_image = torch.arange(images).repeat_interleave(captions)
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    retrieval_metrics(image, text, text_to_image, chunk_size=chunk)
-    seconds = time.perf_counter() - start
-    if device == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 2**10
-    queue.put((seconds, peak))
+    with PeakMemory(device) as memory:
+        start = time.perf_counter()
+        retrieval_metrics(image, text, text_to_image, chunk_size=chunk)
+        seconds = time.perf_counter() - start
+    return seconds, memory.mib
 
 
 def main() -> None:
@@ -62,15 +56,10 @@ def main() -> None:
     )
     print("| chunk size | seconds | peak extra memory (MiB) |")
     print("|---:|---:|---:|")
-    context = mp.get_context("spawn")
     for chunk in args.chunk_sizes:
-        queue = context.Queue()
-        process = context.Process(
-            target=run, args=(args.images, args.captions, args.dim, chunk, args.device, queue)
+        seconds, peak = in_fresh_process(
+            run, args.images, args.captions, args.dim, chunk, args.device
         )
-        process.start()
-        seconds, peak = queue.get()
-        process.join()
         print(f"| {chunk} | {seconds:.2f} | {peak:.0f} |")
 
 

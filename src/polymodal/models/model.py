@@ -115,14 +115,10 @@ def build_encoders(
 
 
 @contextmanager
-def batch_norm_statistics_kept(module: nn.Module) -> Iterator[None]:
-    """Restore the BatchNorm running statistics of `module` on exit."""
-    saved = [
-        (buffer, buffer.clone())
-        for m in module.modules()
-        if isinstance(m, BATCH_NORM)
-        for buffer in m.buffers()
-    ]
+def buffers_kept(module: nn.Module) -> Iterator[None]:
+    """Restore every buffer of `module` (BatchNorm statistics) on exit: for passes that
+    must leave no trace, as a checkpointed chunk's recomputation or a FLOP count."""
+    saved = [(buffer, buffer.clone()) for buffer in module.buffers()]
     try:
         yield
     finally:
@@ -133,7 +129,7 @@ def batch_norm_statistics_kept(module: nn.Module) -> Iterator[None]:
 def checkpoint_contexts(module: nn.Module) -> tuple:
     """(forward, recomputation) contexts of a checkpointed `module`: the backward pass's
     recomputation must not count its batch a second time in BatchNorm statistics."""
-    return nullcontext(), batch_norm_statistics_kept(module)
+    return nullcontext(), buffers_kept(module)
 
 
 class PolymodalModel(nn.Module):

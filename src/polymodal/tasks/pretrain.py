@@ -30,7 +30,7 @@ from polymodal.data.shardtools import values_reader
 from polymodal.evaluation.media import log_media_to_wandb
 from polymodal.evaluation.validation import ValidationReport, write_evaluation_media
 from polymodal.evaluation.zeroshot import zeroshot_tasks
-from polymodal.models.model import BATCH_NORM, PolymodalModel
+from polymodal.models.model import BATCH_NORM, PolymodalModel, buffers_kept
 from polymodal.objectives.base import EncodingCache, NoPairedModality, Objective
 from polymodal.objectives.lm import LMObjective
 from polymodal.tasks.optim import param_groups, warmup_cosine
@@ -330,15 +330,13 @@ class PretrainModule(L.LightningModule):
         resumed run is not changed by counting again) times 3, since the
         backward pass costs about twice the forward."""
         cuda = [self.device.index] if self.device.type == "cuda" else []
-        buffers = [(b, b.clone()) for b in self.buffers()]  # e.g. BatchNorm statistics
         with (
             torch.random.fork_rng(devices=cuda),
+            buffers_kept(self),  # e.g. BatchNorm statistics
             full_params(self.trainer.model),
             FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter,
         ):
             self.step_losses(EncodingCache(self.model, batch))
-        for buffer, saved in buffers:
-            buffer.copy_(saved)
         return 3 * counter.get_total_flops() / len(batch["key"])
 
     def optimizer_step(self, *args, **kwargs) -> None:

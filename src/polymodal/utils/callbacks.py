@@ -175,8 +175,12 @@ class EMAWeightAveraging(LightningEMA):
     trainer.max_steps) would go on from the average with the optimizer state of the other.
     """
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._trained: dict[str, torch.Tensor] | None = None  # set when fit ends
+
     def on_train_start(self, trainer, pl_module) -> None:
-        self._trained: dict[str, torch.Tensor] | None = None
+        self._trained = None  # a new fit trains again
         super().on_train_start(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -185,5 +189,5 @@ class EMAWeightAveraging(LightningEMA):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
-        if getattr(self, "_trained", None) is not None and "current_model_state" in checkpoint:
+        if self._trained is not None and "current_model_state" in checkpoint:
             checkpoint["current_model_state"] = self._trained
