@@ -51,10 +51,18 @@ class Polymodal:
     (`experiment=trimodal`) switches with `model.modality = "audio"`.
     """
 
-    def __init__(self, module: PretrainModule, config: dict, tokenizer: TextTokenizer) -> None:
+    def __init__(
+        self,
+        module: PretrainModule,
+        config: dict,
+        tokenizer: TextTokenizer,
+        classifier: dict | None = None,
+    ) -> None:
         self.module = module.eval()
         self.config = config
         self.tokenizer = tokenizer
+        # a fine-tuned classifier head's json attribute and class names (task=classify)
+        self.classifier = classifier
         data = config["data"]
         self.transform = image_transform(
             data["image_size"], train=False, interpolation=data.get("interpolation", "bilinear")
@@ -228,6 +236,17 @@ class Polymodal:
         if bias is not None:
             return torch.sigmoid(scale * logits + bias)
         return (scale * logits).softmax(dim=-1)
+
+    @torch.no_grad()
+    def classify(self, images: Sequence[Image.Image] | Clips) -> Tensor:
+        """Class probabilities [N, C] of images (or clips) by the checkpoint's fine-tuned
+        classifier head; `classifier["classes"]` names the columns."""
+        if self.classifier is None:
+            raise ConfigError(
+                "this checkpoint has no classifier head: fine-tune one with task=classify "
+                "(e.g. experiment=finetune_digits)"
+            )
+        return self.module.model.classify(self.encode(images)).float().softmax(dim=-1)
 
     def read_shards(
         self,
@@ -413,4 +432,12 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Polymodal:
     tokenizer = TextTokenizer.from_state(stored["tokenizer"])
     module.tokenizer = tokenizer
     module.load_state_dict(checkpoint["state_dict"])
-    return Polymodal(module, config, tokenizer).to(device)
+    classifier = stored.get("classifier")
+    if classifier is not None and not (
+        isinstance(classifier, dict)
+        and isinstance(classifier.get("attribute"), str)
+        and isinstance(classifier.get("classes"), list)
+        and len(classifier["classes"]) == module.model.classifier.out_features
+    ):
+        raise ConfigError(f"{path}: polymodal.classifier is not the head's attribute and classes")
+    return Polymodal(module, config, tokenizer, classifier).to(device)

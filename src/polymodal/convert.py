@@ -1,7 +1,9 @@
-"""polymodal-convert: open_clip checkpoints into polymodal, and polymodal CLIPs out.
+"""polymodal-convert: open_clip checkpoints into polymodal, polymodal CLIPs out, and
+WiSE-FT weight interpolation of a fine-tuning run.
 
     polymodal-convert from-open-clip ViT-B-32.json open_clip_model.safetensors vitb32.ckpt
     polymodal-convert to-open-clip logs/train/runs/<time>/checkpoints/last.ckpt exported/
+    polymodal-convert wise-ft <run>/zeroshot.ckpt <run>/checkpoints/last.ckpt wise.ckpt --alpha 0.5
 
 `from-open-clip` reads an open_clip model config (`<name>.json` of open_clip's
 model_configs, or an `open_clip_config.json` holding `model_cfg`) and its weights
@@ -12,6 +14,8 @@ open_clip package unless `--bpe` names one) and its bicubic resizing. `to-open-c
 writes `<name>.json` and `open_clip_model.safetensors`, which open_clip loads with
 `open_clip.add_model_config(dir / "<name>.json")` and
 `open_clip.create_model_and_transforms("<name>", pretrained=dir / "open_clip_model.safetensors")`.
+`wise-ft` writes (1 - alpha) x the zero-shot start + alpha x the fine-tuned weights
+(WiSE-FT, Wortsman et al. 2022) of a task=classify run, a checkpoint `polymodal-eval` opens.
 """
 
 from __future__ import annotations
@@ -153,6 +157,46 @@ def to_open_clip_files(ckpt: Path, out_dir: Path, name: str = "polymodal-clip") 
     return weights
 
 
+def polymodal_checkpoint(path: Path) -> dict:
+    checkpoint = read_checkpoint(path)
+    if not isinstance(checkpoint.get("polymodal"), dict) or "state_dict" not in checkpoint:
+        raise ConfigError(f"{path}: not a polymodal checkpoint (no 'polymodal' entry)")
+    return checkpoint
+
+
+def wise_ft_files(zeroshot: Path, finetuned: Path, out: Path, alpha: float) -> Path:
+    """WiSE-FT: `out` holds (1 - alpha) * zeroshot + alpha * finetuned of every floating
+    tensor (integer buffers, e.g. BatchNorm's batch count, from the fine-tuned run) with
+    the fine-tuned checkpoint's config, tokenizer and classes. The two must be the ends of
+    one fine-tuning run: the same tensors, shapes and dtypes."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ConfigError(f"--alpha: a weight in [0, 1] (0: the zero-shot start), got {alpha}")
+    start = polymodal_checkpoint(zeroshot)["state_dict"]
+    end = polymodal_checkpoint(finetuned)
+    tuned = end["state_dict"]
+    differ = sorted(set(start) ^ set(tuned)) or [
+        k for k in tuned if (start[k].shape, start[k].dtype) != (tuned[k].shape, tuned[k].dtype)
+    ]
+    if differ:
+        raise ConfigError(
+            f"{zeroshot} and {finetuned}: different tensors (e.g. {differ[0]}); WiSE-FT mixes "
+            "the two ends of one fine-tuning run (its zeroshot.ckpt and a checkpoint)"
+        )
+    mixed = {
+        k: (1 - alpha) * start[k] + alpha * v if v.is_floating_point() else v
+        for k, v in tuned.items()
+    }
+    checkpoint = {
+        "state_dict": mixed,
+        "polymodal": end["polymodal"],
+        "wise_ft": {"alpha": alpha, "zeroshot": str(zeroshot), "finetuned": str(finetuned)},
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out) as file:
+        torch.save(checkpoint, file)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="polymodal-convert", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -167,11 +211,18 @@ def main(argv: list[str] | None = None) -> int:
     save.add_argument("ckpt", type=Path, help="a polymodal checkpoint")
     save.add_argument("out_dir", type=Path, help="where <name>.json and the weights go")
     save.add_argument("--name", default="polymodal-clip", help="the open_clip model name")
+    wise = commands.add_parser("wise-ft", help="interpolate a fine-tuning run's weights")
+    wise.add_argument("zeroshot", type=Path, help="the run's start (<run dir>/zeroshot.ckpt)")
+    wise.add_argument("finetuned", type=Path, help="its fine-tuned checkpoint")
+    wise.add_argument("out", type=Path, help="the checkpoint to write (.ckpt)")
+    wise.add_argument("--alpha", type=float, default=0.5, help="weight of the fine-tuned end")
     args = parser.parse_args(argv)
     try:
         if args.command == "from-open-clip":
             command = from_open_clip_files(args.config, args.weights, args.out, args.bpe)
             print(f"wrote {args.out}\ntrain from it:\n{command}")
+        elif args.command == "wise-ft":
+            print(f"wrote {wise_ft_files(args.zeroshot, args.finetuned, args.out, args.alpha)}")
         else:
             print(f"wrote {to_open_clip_files(args.ckpt, args.out_dir, args.name)}")
     except Exception as err:

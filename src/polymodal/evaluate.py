@@ -15,7 +15,9 @@ Each entry of `eval.benchmarks` names a `kind`:
 - `captioning` (checkpoints with a decoder): BLEU-4 and CIDEr of captions generated for
   the first `max_samples` images (or clips) of `shards` against all of each image's
   captions, with `wer: true` the word error rate against each sample's first text (a
-  transcript: speech recognition); every generated caption to `captions/<name>.jsonl`.
+  transcript: speech recognition); every generated caption to `captions/<name>.jsonl`;
+- `classifier` (checkpoints fine-tuned with task=classify): top-1/top-5/mean per-class
+  accuracy of the classifier head on `shards`, labelled by the json attribute it learnt.
 
 Benchmarks read the checkpoint's modality (image or audio, `Polymodal.modality`; the
 `modality` key picks one of a checkpoint of several): zero-shot, retrieval and probes of
@@ -28,6 +30,7 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
+import torch
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -39,7 +42,7 @@ from polymodal.evaluation.captioning import caption_metrics, word_error_rate
 from polymodal.evaluation.evaluator import EmbeddingEvaluator, image_of, label_indices
 from polymodal.evaluation.linear_probe import linear_probe
 from polymodal.evaluation.validation import write_evaluation_media
-from polymodal.evaluation.zeroshot import zeroshot_tasks
+from polymodal.evaluation.zeroshot import classification_metrics, zeroshot_tasks
 from polymodal.utils.cli import hydra_app
 from polymodal.utils.errors import ConfigError
 from polymodal.utils.instantiate import instantiate_group
@@ -146,10 +149,38 @@ def captioning(
     return metrics
 
 
+def classifier(
+    model: Polymodal, spec: Mapping, batch_size: int, out_dir: Path, name: str
+) -> dict[str, float]:
+    """Accuracy of the checkpoint's fine-tuned classifier head on `shards`, labelled by the
+    json attribute it was trained on (samples without one of its classes are not scored)."""
+    if model.classifier is None:
+        raise ConfigError(
+            f"eval.benchmarks.{name}: kind classifier needs a checkpoint with a classifier "
+            "head (fine-tuned with task=classify, e.g. experiment=finetune_digits)"
+        )
+    data = model.embed_shards(spec["shards"], batch_size)
+    attribute, classes = model.classifier["attribute"], model.classifier["classes"]
+    labels = label_indices(data["meta"], attribute, classes)
+    keep = labels >= 0
+    if not keep.any():
+        raise ConfigError(
+            f"eval.benchmarks.{name}.shards: no sample's json has a {attribute!r} field with "
+            f"one of the head's classes ({', '.join(classes[:5])}, ...)"
+        )
+    with torch.no_grad():
+        logits = model.module.model.classify(data[model.modality][keep].to(model.device))
+    metrics = classification_metrics(logits.float().cpu(), labels[keep])
+    metrics = {f"{attribute}_{key}": value for key, value in metrics.items()}
+    metrics["samples"] = float(keep.sum())
+    return metrics
+
+
 BENCHMARKS = {
     "zeroshot_retrieval": zeroshot_retrieval,
     "linear_probe": probe,
     "captioning": captioning,
+    "classifier": classifier,
 }
 
 

@@ -201,14 +201,23 @@ def zeroshot_metrics(
     labels: Tensor,
     ks: Sequence[int] = (1, 5),
 ) -> dict[str, float]:
-    """Top-1 `acc`, `top{k}` for each k in ks with 1 < k <= C, and `mean_per_class_acc`.
-
-    Samples with label < 0 are ignored. `mean_per_class_acc` averages recall over the classes
-    that occur in the labels, so it is not skewed by class imbalance (or absent classes).
-    Values are python floats in [0, 1].
-    """
+    """`classification_metrics` of the zero-shot logits `image_emb @ classifier.T`.
+    Samples with label < 0 are ignored."""
     logits, labels = _labeled_logits(image_emb, classifier, labels)
-    num_classes = classifier.shape[0]
+    return classification_metrics(logits, labels, ks)
+
+
+@torch.no_grad()
+def classification_metrics(
+    logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)
+) -> dict[str, float]:
+    """Top-1 `acc`, `top{k}` for each k in ks with 1 < k <= C, and `mean_per_class_acc` of
+    class `logits` [N, C] against `labels` [N] (all in range).
+
+    `mean_per_class_acc` averages recall over the classes that occur in the labels, so it
+    is not skewed by class imbalance (or absent classes). Values are python floats in [0, 1].
+    """
+    num_classes = logits.shape[1]
     pred = logits.argmax(dim=1)
     metrics = {"acc": (pred == labels).double().mean().item()}
     topk = [k for k in ks if 1 < k <= num_classes]

@@ -50,6 +50,7 @@ PARTS = {
     "mlm_head": ("fusion",),
     "mim_decoder": (),
     "decoder": (),
+    "classifier": ("logit_scale",),
 }
 SHARED_ENCODER = "trunk"  # the encoders' key of the one trunk of multiway/shared
 # LiT settings of `model.towers.<modality>` (read by the model, not passed to the tower)
@@ -148,6 +149,7 @@ class PolymodalModel(nn.Module):
         fusion: Mapping | None = None,
         decoder: Mapping | None = None,
         mim_decoder: Mapping | None = None,
+        classifier: Mapping | None = None,
         grad_checkpointing: bool = False,
         micro_batch_size: int | None = None,
         compile: bool = False,
@@ -210,6 +212,15 @@ class PolymodalModel(nn.Module):
                 memory_dim=self.decoder_memory and self.width(self.decoder_memory),
                 **decoder,
             )
+        self.classifier = None
+        if "classifier" in self.parts:
+            num_classes = plain_dict(classifier).get("num_classes")
+            if not isinstance(num_classes, int) or num_classes < 2:
+                raise ConfigError(
+                    "model.classifier.num_classes: the classify objective's head needs the "
+                    f"number of classes of its attribute (>= 2), got {num_classes!r}"
+                )
+            self.classifier = nn.Linear(embed_dim, num_classes)
         self.set_grad_checkpointing(grad_checkpointing)
         for modality, settings in locks.items():
             if settings.get("lock") and modality in self.encoder_of:
@@ -361,6 +372,14 @@ class PolymodalModel(nn.Module):
         """Clamp the log-scale to [0, ln(logit_scale.max)], as CLIP and open_clip do."""
         if self.logit_scale is not None:
             self.logit_scale.clamp_(0.0, self.max_log_scale)
+
+    def classify(self, embedding: Tensor) -> Tensor:
+        """Class logits [B, C] of normalised embeddings: the classifier head at the
+        contrastive temperature. Rows set to a zero-shot classifier (class prompt
+        embeddings) and a zero bias give exactly zero-shot classification: WiSE-FT's
+        start."""
+        scale, _ = self.contrastive_scale()
+        return self.part("classifier")(scale * embedding)
 
     # -- multimodal ----------------------------------------------------------------------
     def fuse(self, text_tokens: Tensor, text_mask: Tensor, memory: Tensor) -> Tensor:

@@ -29,9 +29,10 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from polymodal.data.shardtools import values_reader
 from polymodal.evaluation.media import log_media_to_wandb
 from polymodal.evaluation.validation import ValidationReport, write_evaluation_media
-from polymodal.evaluation.zeroshot import zeroshot_tasks
+from polymodal.evaluation.zeroshot import build_zeroshot_classifier, zeroshot_tasks
 from polymodal.models.model import BATCH_NORM, PolymodalModel, buffers_kept
 from polymodal.objectives.base import EncodingCache, NoPairedModality, Objective
+from polymodal.objectives.classify import ClassifyObjective
 from polymodal.objectives.lm import LMObjective
 from polymodal.tasks.optim import param_groups, warmup_cosine
 from polymodal.utils.distributed import (
@@ -57,7 +58,11 @@ OBJECTIVES = {
     "mim": "polymodal.objectives.mim.MIMObjective",
     "caption": "polymodal.objectives.caption.CaptionObjective",
     "lm": "polymodal.objectives.lm.LMObjective",
+    "classify": "polymodal.objectives.classify.ClassifyObjective",
 }
+# a fine-tuning run's start, in its output directory (not among the checkpoints it may
+# resume from: the file holds weights only)
+ZEROSHOT_CHECKPOINT = "zeroshot.ckpt"
 
 
 # where `task.optimizer.fused=null` picks the fused AdamW kernel: measured 4x faster than
@@ -202,9 +207,15 @@ class PretrainModule(L.LightningModule):
         # the resolved run config; the app sets it, and checkpoints carry it (polymodal.load)
         self.run_config: dict | None = None
         self.skipped_samples: Counter[str] = Counter()  # reason -> samples, this rank
+        self._set_up = False  # parts set from data (the zero-shot head) on the first setup
+        self._zeroshot_head = False  # this run started its classifier zero-shot
 
     def on_fit_start(self) -> None:
-        """Say when micro-batches meet BatchNorm (only training is affected)."""
+        """Save a zero-shot classifier start as `<run dir>/zeroshot.ckpt` (the "before"
+        of fine-tuning, WiSE-FT's other end), and say when micro-batches meet BatchNorm."""
+        if self._zeroshot_head:
+            path = Path(self.trainer.default_root_dir) / ZEROSHOT_CHECKPOINT
+            self.trainer.save_checkpoint(path, weights_only=True)
         size = self.model.micro_batch_size
         if size and any(isinstance(m, BATCH_NORM) for m in self.model.modules()):
             log.warning(
@@ -247,6 +258,43 @@ class PretrainModule(L.LightningModule):
             class_names.update(self.reports[name].class_names)
         for objective in self.objectives.values():
             objective.setup(self.tokenizer, class_names)
+        if not self._set_up:
+            self._set_up = True
+            if self.trainer.ckpt_path is None:  # a resumed run restores its head instead
+                self.start_classifier()
+
+    def classify_objective(self) -> ClassifyObjective | None:
+        return next((o for o in self.objectives.values() if isinstance(o, ClassifyObjective)), None)
+
+    @torch.no_grad()
+    def start_classifier(self) -> None:
+        """The classify objective's head from the zero-shot classifier of its attribute
+        (`init: zeroshot`): row c is class c's prompt-ensemble text embedding and the bias
+        is zero, so the head at step 0 classifies exactly as zero-shot evaluation does."""
+        objective = self.classify_objective()
+        if objective is None:
+            return
+        head, classes = self.model.classifier, objective.classes
+        if head.out_features != len(classes):
+            raise ConfigError(
+                f"model.classifier.num_classes={head.out_features}, but "
+                f"data.zeroshot.{objective.attribute} has {len(classes)} classes"
+            )
+        if objective.init != "zeroshot":
+            return
+        task = next(
+            r.evaluator.zeroshot[objective.attribute]
+            for r in self.reports.values()
+            if objective.attribute in r.evaluator.zeroshot
+        )
+        training, _ = self.training, self.eval()  # prompts encoded as in evaluation
+        weights = build_zeroshot_classifier(
+            self.encode_prompts, [task.phrases.get(n, n) for n in classes], task.templates
+        )
+        self.train(training)
+        head.weight.copy_(weights)
+        head.bias.zero_()
+        self._zeroshot_head = True
 
     def step_losses(self, cache: EncodingCache) -> tuple[Tensor, dict[str, Tensor]]:
         """The weighted sum of the objectives whose modalities the batch holds (a mix of
@@ -370,6 +418,11 @@ class PretrainModule(L.LightningModule):
                 "config": self.run_config,
                 "tokenizer": self.tokenizer.__getstate__(),
             }
+            if (objective := self.classify_objective()) is not None:  # the head's labels
+                checkpoint["polymodal"]["classifier"] = {
+                    "attribute": objective.attribute,
+                    "classes": list(objective.classes),
+                }
         # every rank runs this hook, so the per-rank skip counts can be summed here
         checkpoint["counters"] = {
             "skipped_samples": dict(self.total_skipped()),
