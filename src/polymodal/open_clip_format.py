@@ -178,6 +178,9 @@ def polymodal_overrides(cfg: Mapping) -> list[str]:
     ]
 
 
+TEXT_STEM = "polymodal.models.text.TextStem"  # our text Transformer (not an HF tower)
+
+
 def open_clip_config(model: Mapping, data: Mapping) -> dict:
     """The open_clip model config (`<name>.json` for `open_clip.add_model_config`) of a
     polymodal run config, or a ConfigError naming what open_clip's CLIP cannot hold."""
@@ -188,7 +191,8 @@ def open_clip_config(model: Mapping, data: Mapping) -> dict:
         "model.modalities": (list(model["modalities"]), ["image", "text"]),
         "model.towers.image.timm": (image["timm"], TIMM_CLIP_VIT),
         "model.stems.image.conv_stem": (stems["image"]["conv_stem"], False),
-        "model.stems.text.causal": (stems["text"]["causal"], True),
+        "model.stems.text._target_": (stems["text"].get("_target_"), TEXT_STEM),
+        "model.stems.text.causal": (stems["text"].get("causal"), True),
         "model.stems.text.pool": (stems["text"]["pool"], "eos"),
     }
     for key, (value, wanted) in checks.items():

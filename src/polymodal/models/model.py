@@ -163,6 +163,9 @@ class PolymodalModel(nn.Module):
         towers, trunk = plain_dict(towers), plain_dict(trunk)
         locks = {m: {k: spec.pop(k) for k in LOCK_KEYS if k in spec} for m, spec in towers.items()}
         self.encoders, self.encoder_of = build_encoders(sharing, stems, towers, trunk)
+        if "text" in self.encoder_of:  # a pretrained text tower has its own vocabulary
+            vocab_size = getattr(self.stem("text"), "vocab_size", vocab_size)
+            self.vocab_size = vocab_size
         self.projections = nn.ModuleDict(
             {m: nn.Linear(self.width(m), embed_dim, bias=False) for m in self.encoder_of}
         )
