@@ -86,10 +86,20 @@ def expect_eval_metrics(metrics: list[dict]) -> None:
         assert any(k.startswith("val/retrieval/") for k in keys), sorted(keys)
 
 
+def expect_synced_sweep_points(metrics: list[dict]) -> None:
+    """DDP (two spawned ranks) inside a multirun: each sweep point ran once, to the end,
+    with both ranks' weights equal, and validated (no relaunch of the sweep)."""
+    assert len(metrics) == 2, f"{len(metrics)} sweep points wrote metrics.json, not 2"
+    for keys in metrics:
+        assert keys["train/global_step"] == 2 and keys["dist/ranks_in_sync"] == 1.0, keys
+        assert "val/retrieval/i2t_r1" in keys, sorted(keys)
+
+
 # checks of what a command wrote, by a pattern of its text (given the metrics.json files
 # it wrote); every pattern must match some command
 EXPECTATIONS: list[tuple[re.Pattern, Callable[[list[dict]], None]]] = [
     (re.compile(r"\bpolymodal-train\b.*\bdata=webdataset\b"), expect_eval_metrics),
+    (re.compile(r"\bpolymodal-train -m trainer=ddp_sim\b"), expect_synced_sweep_points),
 ]
 
 

@@ -167,26 +167,8 @@ def small_run(shapes_dir: Path) -> list[str]:
     ]
 
 
-@pytest.mark.slow  # ~85 s; the README's `-m trainer=ddp_sim` line runs it too
-def test_ddp_sim_inside_a_multirun_writes_one_dir_per_point(tmp_path, shapes_dir):
-    """ddp_spawn inside `-m`: two sweep points, two dirs, no relaunch of the sweep."""
-    sweep = tmp_path / "sweep"
-    out = run_train(
-        "-m",
-        "trainer=ddp_sim",
-        "debug=fdr",
-        "task.optimizer.lr=1e-3,2e-3",
-        *small_run(shapes_dir),
-        f"hydra.sweep.dir={sweep}",
-        cwd=tmp_path,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
-    for point in ("0", "1"):
-        metrics = json.loads((sweep / point / "metrics.json").read_text())
-        assert metrics["train/global_step"] == 1
-        assert metrics["dist/ranks_in_sync"] == 1.0
-        assert "val/retrieval/i2t_r1" in metrics
+# DDP inside a multirun (`-m trainer=ddp_sim`): the README's command, with its checks
+# (tests/test_readme.py, expect_synced_sweep_points)
 
 
 def test_two_nodes_under_torchrun_agree_on_weights(tmp_path, shapes_dir):

@@ -287,11 +287,13 @@ class PretrainModule(L.LightningModule):
             for r in self.reports.values()
             if objective.attribute in r.evaluator.zeroshot
         )
-        training, _ = self.training, self.eval()  # prompts encoded as in evaluation
+        modes = {module: module.training for module in self.modules()}
+        self.eval()  # prompts encoded as in evaluation
         weights = build_zeroshot_classifier(
             self.encode_prompts, [task.phrases.get(n, n) for n in classes], task.templates
         )
-        self.train(training)
+        for module, training in modes.items():
+            module.training = training
         head.weight.copy_(weights)
         head.bias.zero_()
         self._zeroshot_head = True
