@@ -67,7 +67,13 @@ def digits_dir(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_fast_dev_run(experiment, tmp_path, shapes_dir, digits_dir, request):
-    overrides = [f"experiment={experiment}", "debug=fdr", f"paths.digits_dir={digits_dir}"]
+    # batches of 32: the run's wiring is under test, not its scale (128 took 2x as long)
+    overrides = [
+        f"experiment={experiment}",
+        "debug=fdr",
+        "data.batch_size=32",
+        f"paths.digits_dir={digits_dir}",
+    ]
     for dataset in AUDIO_DATASETS.get(experiment, ()):  # generated only where they are read
         overrides.append(f"paths.{dataset}_dir={request.getfixturevalue(f'{dataset}_dir')}")
     cfg = compose_train(overrides, tmp_path, shapes_dir)
@@ -175,6 +181,7 @@ def test_every_objective_runs_with_weight_sharing(sharing, tmp_path, shapes_dir)
         "+task.objectives.caption.weight=1.0",
         "+task.objectives.siglip.weight=0.5",
         "debug=fdr",
+        "data.batch_size=32",  # the wiring is under test, not the scale
     ]
     metrics = train(compose_train(overrides, tmp_path, shapes_dir))
     for name in ("itc", "itm", "mlm", "mim", "caption", "siglip"):
