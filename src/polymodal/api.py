@@ -437,6 +437,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Polymodal:
         isinstance(classifier, dict)
         and isinstance(classifier.get("attribute"), str)
         and isinstance(classifier.get("classes"), list)
+        and all(isinstance(name, str) for name in classifier["classes"])
         and module.model.classifier is not None
         and len(classifier["classes"]) == module.model.classifier.out_features
     ):

@@ -159,8 +159,11 @@ def to_open_clip_files(ckpt: Path, out_dir: Path, name: str = "polymodal-clip") 
 
 def polymodal_checkpoint(path: Path) -> dict:
     checkpoint = read_checkpoint(path)
-    if not isinstance(checkpoint.get("polymodal"), dict) or "state_dict" not in checkpoint:
+    state = checkpoint.get("state_dict")
+    if not isinstance(checkpoint.get("polymodal"), dict) or not isinstance(state, dict):
         raise ConfigError(f"{path}: not a polymodal checkpoint (no 'polymodal' entry)")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise ConfigError(f"{path}: its state_dict is not names -> tensors")
     return checkpoint
 
 
@@ -171,9 +174,8 @@ def wise_ft_files(zeroshot: Path, finetuned: Path, out: Path, alpha: float) -> P
     one fine-tuning run: the same tensors, shapes and dtypes."""
     if not 0.0 <= alpha <= 1.0:
         raise ConfigError(f"--alpha: a weight in [0, 1] (0: the zero-shot start), got {alpha}")
-    start = polymodal_checkpoint(zeroshot)["state_dict"]
-    end = polymodal_checkpoint(finetuned)
-    tuned = end["state_dict"]
+    begin, end = polymodal_checkpoint(zeroshot), polymodal_checkpoint(finetuned)
+    start, tuned = begin["state_dict"], end["state_dict"]
     differ = sorted(set(start) ^ set(tuned)) or [
         k for k in tuned if (start[k].shape, start[k].dtype) != (tuned[k].shape, tuned[k].dtype)
     ]
@@ -181,6 +183,12 @@ def wise_ft_files(zeroshot: Path, finetuned: Path, out: Path, alpha: float) -> P
         raise ConfigError(
             f"{zeroshot} and {finetuned}: different tensors (e.g. {differ[0]}); WiSE-FT mixes "
             "the two ends of one fine-tuning run (its zeroshot.ckpt and a checkpoint)"
+        )
+    heads = [c["polymodal"].get("classifier") for c in (begin, end)]
+    if heads[0] != heads[1]:
+        raise ConfigError(
+            f"{zeroshot} and {finetuned}: classifier heads of other labels ({heads[0]} vs "
+            f"{heads[1]}); WiSE-FT mixes the two ends of one fine-tuning run"
         )
     mixed = {
         k: (1 - alpha) * start[k] + alpha * v if v.is_floating_point() else v

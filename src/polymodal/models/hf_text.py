@@ -9,12 +9,14 @@ be `model.safetensors`), no network (local files only).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 
 from torch import Tensor, nn
 
 from polymodal.models.transformer import pool_text
 from polymodal.models.trunk import Stem
+from polymodal.utils.cli import one_line
 from polymodal.utils.errors import ConfigError
 
 POOLING = ("cls", "mean", "eos")  # BERT's [CLS], sentence-transformers' mean, the last token
@@ -35,10 +37,22 @@ def load_hf_encoder(path: str | Path) -> nn.Module:
     except ImportError:
         raise ConfigError("model/text=hf needs transformers: pip install 'polymodal[hf]'") from None
     options = {"local_files_only": True, "trust_remote_code": False}
-    config = AutoConfig.from_pretrained(directory, **options)
+    try:
+        config = AutoConfig.from_pretrained(directory, **options)
+    except (OSError, ValueError, KeyError) as err:
+        raise ConfigError(f"{KEY}.path: {path}/config.json: {one_line(str(err))}") from None
     if getattr(config, "auto_map", None):
         raise ConfigError(f"{KEY}.path: {path} needs its own code (auto_map); refused")
-    return AutoModel.from_pretrained(directory, config=config, use_safetensors=True, **options)
+    load = partial(
+        AutoModel.from_pretrained, directory, config=config, use_safetensors=True, **options
+    )
+    try:
+        try:  # BERT-like models: no pooler, which the tower never uses (no dead weights)
+            return load(add_pooling_layer=False)
+        except TypeError:
+            return load()
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ConfigError(f"{KEY}.path: {path}: {one_line(str(err))}") from None
 
 
 class HFTextStem(Stem):
@@ -95,8 +109,8 @@ class HFTextTower(nn.Module):
         return self  # input_key, mask_key, context_length, vocab_size
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
-        if enabled:
-            self.model.gradient_checkpointing_enable()
+        if enabled:  # non-reentrant: locked embeddings leave the layers' inputs gradient-free
+            self.model.gradient_checkpointing_enable({"use_reentrant": False})
         elif self.model.is_gradient_checkpointing:
             self.model.gradient_checkpointing_disable()
 
@@ -116,8 +130,9 @@ class HFTextTower(nn.Module):
         return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
 
     def layer_groups(self) -> list[list[str]]:
-        """Parameter names from input to output: the embeddings, each layer, then the rest
-        (final norm, pooler), as open_clip's `lock_text` groups an HF tower."""
+        """Parameter names from input to output: the embeddings, then each layer (the last
+        with what follows it, e.g. a final norm), as open_clip's `lock_text` groups an HF
+        tower."""
         layers = self.model.get_submodule(self.layer_path())
         names = [name for name, _ in self.named_parameters()]
         prefix = f"model.{self.layer_path()}."
@@ -126,8 +141,8 @@ class HFTextTower(nn.Module):
         ]
         inside = {n for group in per_layer for n in group}
         first = [n for n in names if "embeddings" in n and n not in inside]
-        rest = [n for n in names if n not in inside and n not in first]
-        return [first, *per_layer, rest] if rest else [first, *per_layer]
+        rest = [n for n in names if n not in inside and n not in first]  # e.g. a final norm
+        return [first, *per_layer[:-1], per_layer[-1] + rest]
 
     def layer_path(self) -> str:
         """Where the model keeps its layer list (BERT: encoder.layer)."""

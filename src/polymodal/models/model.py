@@ -224,6 +224,10 @@ class PolymodalModel(nn.Module):
                     f"number of classes of its attribute (>= 2), got {num_classes!r}"
                 )
             self.classifier = nn.Linear(embed_dim, num_classes)
+            # set once the head has its start (zero-shot, or trained): travels with the
+            # weights, so a resumed run, a spawned rank or init_from of a fine-tuned
+            # checkpoint never starts it again
+            self.register_buffer("classifier_started", torch.zeros(1, dtype=torch.bool))
         self.set_grad_checkpointing(grad_checkpointing)
         for modality, settings in locks.items():
             if settings.get("lock") and modality in self.encoder_of:

@@ -207,14 +207,15 @@ class PretrainModule(L.LightningModule):
         # the resolved run config; the app sets it, and checkpoints carry it (polymodal.load)
         self.run_config: dict | None = None
         self.skipped_samples: Counter[str] = Counter()  # reason -> samples, this rank
-        self._set_up = False  # parts set from data (the zero-shot head) on the first setup
-        self._zeroshot_head = False  # this run started its classifier zero-shot
+        self._zeroshot_head = False  # this process started the classifier zero-shot
 
     def on_fit_start(self) -> None:
         """Save a zero-shot classifier start as `<run dir>/zeroshot.ckpt` (the "before"
         of fine-tuning, WiSE-FT's other end), and say when micro-batches meet BatchNorm."""
-        if self._zeroshot_head:
-            path = Path(self.trainer.default_root_dir) / ZEROSHOT_CHECKPOINT
+        path = Path(self.trainer.default_root_dir) / ZEROSHOT_CHECKPOINT
+        # a resumed fit (ckpt_path known once restored) restored its head over the start
+        fresh = self.trainer.ckpt_path is None and not path.exists()
+        if self._zeroshot_head and fresh:
             self.trainer.save_checkpoint(path, weights_only=True)
         size = self.model.micro_batch_size
         if size and any(isinstance(m, BATCH_NORM) for m in self.model.modules()):
@@ -258,10 +259,7 @@ class PretrainModule(L.LightningModule):
             class_names.update(self.reports[name].class_names)
         for objective in self.objectives.values():
             objective.setup(self.tokenizer, class_names)
-        if not self._set_up:
-            self._set_up = True
-            if self.trainer.ckpt_path is None:  # a resumed run restores its head instead
-                self.start_classifier()
+        self.start_classifier()
 
     def classify_objective(self) -> ClassifyObjective | None:
         return next((o for o in self.objectives.values() if isinstance(o, ClassifyObjective)), None)
@@ -270,7 +268,9 @@ class PretrainModule(L.LightningModule):
     def start_classifier(self) -> None:
         """The classify objective's head from the zero-shot classifier of its attribute
         (`init: zeroshot`): row c is class c's prompt-ensemble text embedding and the bias
-        is zero, so the head at step 0 classifies exactly as zero-shot evaluation does."""
+        is zero, so the head at step 0 classifies exactly as zero-shot evaluation does.
+        Once per head (`model.classifier_started`): a resumed fit restores its own over
+        this start, and the validation after fit, in spawned ranks too, keeps it."""
         objective = self.classify_objective()
         if objective is None:
             return
@@ -280,7 +280,7 @@ class PretrainModule(L.LightningModule):
                 f"model.classifier.num_classes={head.out_features}, but "
                 f"data.zeroshot.{objective.attribute} has {len(classes)} classes"
             )
-        if objective.init != "zeroshot":
+        if objective.init != "zeroshot" or self.model.classifier_started.item():
             return
         task = next(
             r.evaluator.zeroshot[objective.attribute]
@@ -296,6 +296,7 @@ class PretrainModule(L.LightningModule):
             module.training = training
         head.weight.copy_(weights)
         head.bias.zero_()
+        self.model.classifier_started.fill_(True)
         self._zeroshot_head = True
 
     def step_losses(self, cache: EncodingCache) -> tuple[Tensor, dict[str, Tensor]]:
