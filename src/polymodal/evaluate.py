@@ -36,10 +36,10 @@ from omegaconf import DictConfig, OmegaConf
 
 import polymodal
 from polymodal.api import Polymodal
-from polymodal.data.meta import IMAGE_ID, label_name, sorted_labels
+from polymodal.data.meta import IMAGE_ID, label_indices, label_name, sorted_labels
 from polymodal.data.shardtools import values_reader
 from polymodal.evaluation.captioning import caption_metrics, word_error_rate
-from polymodal.evaluation.evaluator import EmbeddingEvaluator, image_of, label_indices
+from polymodal.evaluation.evaluator import EmbeddingEvaluator, image_of
 from polymodal.evaluation.linear_probe import linear_probe
 from polymodal.evaluation.validation import write_evaluation_media
 from polymodal.evaluation.zeroshot import classification_metrics, zeroshot_tasks

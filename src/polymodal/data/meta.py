@@ -7,7 +7,9 @@ Here, in the data layer, because the shard tools (`polymodal-data values`, zero-
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
 
 # the json field whose equal values mark samples as captions of one image (COCO's
 # `image_id`, which `polymodal-data build` writes): the default `group_by` of every
@@ -33,3 +35,9 @@ def sorted_labels(values: Iterable[str]) -> list[str]:
             return (True, 0, name)
 
     return sorted(set(values), key=order)
+
+
+def label_indices(metas: Sequence[Mapping], attribute: str, classes: Sequence[str]) -> torch.Tensor:
+    """Index in `classes` of each sample's json `attribute` (by name); -1 when absent."""
+    index = {name: i for i, name in enumerate(classes)}
+    return torch.tensor([index.get(label_name(m.get(attribute)), -1) for m in metas])

@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from polymodal.data.meta import IMAGE_ID, label_name
+from polymodal.data.meta import IMAGE_ID, label_indices
 from polymodal.evaluation.retrieval import retrieval_metrics
 from polymodal.evaluation.zeroshot import (
     ZeroShotTask,
@@ -17,12 +17,6 @@ from polymodal.evaluation.zeroshot import (
 )
 from polymodal.utils.distributed import gather_objects, gather_variable, rank_and_world
 from polymodal.utils.errors import ConfigError
-
-
-def label_indices(metas: Sequence[Mapping], attribute: str, classes: Sequence[str]) -> Tensor:
-    """Index in `classes` of each sample's json `attribute` (by name); -1 when absent."""
-    index = {name: i for i, name in enumerate(classes)}
-    return torch.tensor([index.get(label_name(m.get(attribute)), -1) for m in metas])
 
 
 def image_of(meta: Mapping, group_by: str | None, sample: object) -> tuple:

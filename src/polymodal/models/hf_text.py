@@ -59,8 +59,6 @@ class HFTextStem(Stem):
     """Stands for an HF text tower in `model.stems.text`; only `sharing=separate` has one
     (its encoder is the whole HF model, which no shared trunk can hold)."""
 
-    input_key, mask_key = "text_ids", "text_mask"
-
     def __init__(self, *args, **kwargs) -> None:
         raise ConfigError(f"{KEY}: an HF text tower (model/text=hf) needs model.sharing=separate")
 

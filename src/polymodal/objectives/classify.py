@@ -8,11 +8,10 @@ there (WiSE-FT's recipe; open_clip's and LAVIS's fine-tuned classifiers start th
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from polymodal.data.meta import label_name
+from polymodal.data.meta import label_indices
 from polymodal.objectives.base import EncodingCache, Objective, ObjectiveOutput, at_least_float32
 from polymodal.utils.errors import ConfigError
 
@@ -56,10 +55,8 @@ class ClassifyObjective(Objective):
 
     def labels(self, cache: EncodingCache) -> Tensor:
         """Class index of each sample of the batch; -1 (no loss) when it has none."""
-        index = {name: i for i, name in enumerate(self.classes)}
-        names = [label_name(meta.get(self.attribute)) for meta in cache.batch["meta"]]
-        labels = [index.get(name, -1) for name in names]
-        return torch.tensor(labels, device=cache.model.classifier.weight.device)
+        labels = label_indices(cache.batch["meta"], self.attribute, self.classes)
+        return labels.to(cache.model.classifier.weight.device)
 
     def logits_and_labels(self, cache: EncodingCache) -> tuple[Tensor, Tensor]:
         (modality,) = self.needs(cache)
